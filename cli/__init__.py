@@ -1,0 +1,1 @@
+"""The `jaxreg` command line: a thin Typer layer over the library (parse, call, print)."""

@@ -1,0 +1,1 @@
+"""`jaxreg evaluate` (placeholder until the metrics land)."""

@@ -1,0 +1,45 @@
+"""Entry point of the `jaxreg` command: builds the Typer app from the per-command modules.
+
+Every library error (:class:`jaxreg.errors.JaxregError`) becomes one line on stderr and exit code 2;
+the commands themselves never print tracebacks for bad input.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from jaxreg.errors import JaxregError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="jaxreg: JAX instance-optimisation registration of 3-D brain MRI in the LUMIR format.")
+
+# --- commands: each module registers its own command(s) on `app` ----------------------------
+from . import evaluate as _evaluate  # noqa: E402,F401  (jaxreg evaluate)
+# --- end of commands ----------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; turn library errors into one line and a non-zero exit code."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except JaxregError as err:
+        typer.echo(f"error: {err}", err=True)
+        return 2
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        return 130
+    except Exception as err:  # click usage errors
+        import click
+        if isinstance(err, click.ClickException):
+            err.show()
+            return err.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""NIfTI in and out with nibabel: volumes, label maps and displacement fields in the LUMIR layout.
+
+Every writer is atomic: it writes a temporary file in the target folder and renames it, so a
+killed run never leaves a truncated output behind. Every reader checks what it reads and raises
+:class:`~jaxreg.errors.InputError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from .errors import InputError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def _check_readable(path: Path, what: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{what} '{path}' does not exist: check the path.")
+    if path.is_dir():
+        raise InputError(f"{what} '{path}' is a folder, not a NIfTI file.")
+    if not str(path).endswith(NIFTI_SUFFIXES):
+        raise InputError(f"{what} '{path}' is not a NIfTI file: expected a name ending in .nii or .nii.gz.")
+    return path
+
+
+def load_nifti(path: str | os.PathLike, what: str = "image") -> nib.Nifti1Image:
+    """Open a NIfTI file and read its data, turning every failure into a one-line InputError."""
+    path = _check_readable(Path(path), what)
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as err:  # nibabel raises many types for corrupt files
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise InputError(f"{what} '{path}' cannot be read as NIfTI ({reason}): is the file complete?") from None
+    return nib.Nifti1Image(data, img.affine, img.header)
+
+
+def load_volume(path: str | os.PathLike, what: str = "image") -> tuple[np.ndarray, np.ndarray]:
+    """Read a 3-D image as float32, checking it is 3-D and finite. Returns (array, vox2world)."""
+    img = load_nifti(path, what)
+    data = np.asanyarray(img.dataobj)
+    if data.ndim == 4 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputError(f"{what} '{path}' has shape {tuple(data.shape)}: expected a 3-D volume.")
+    data = np.asarray(data, dtype=np.float32)
+    check_finite(data, f"{what} '{path}'")
+    return data, np.asarray(img.affine)
+
+
+def load_labels(path: str | os.PathLike, what: str = "label map") -> np.ndarray:
+    """Read a 3-D integer label map (any integer dtype) as int32."""
+    img = load_nifti(path, what)
+    data = np.asanyarray(img.dataobj)
+    if data.ndim == 4 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputError(f"{what} '{path}' has shape {tuple(data.shape)}: expected a 3-D label map.")
+    if not np.issubdtype(data.dtype, np.integer):
+        rounded = np.rint(data)
+        if not np.all(np.isfinite(data)) or np.any(np.abs(rounded - data) > 1e-3):
+            raise InputError(f"{what} '{path}' holds non-integer values: expected integer labels.")
+        data = rounded
+    return np.asarray(data, dtype=np.int32)
+
+
+def check_finite(array: np.ndarray, what: str) -> None:
+    """Raise an InputError naming `what` if `array` holds NaN or inf."""
+    if not np.all(np.isfinite(array)):
+        count = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise InputError(f"{what} holds {count} non-finite voxel(s) (NaN or inf): clean the input first.")
+
+
+def field_to_lumir(disp: np.ndarray) -> np.ndarray:
+    """(3, X, Y, Z) internal layout -> (X, Y, Z, 3) float32, the layout LUMIR stores."""
+    disp = np.asarray(disp)
+    if disp.ndim != 4 or disp.shape[0] != 3:
+        raise InputError(f"displacement has shape {disp.shape}: expected (3, X, Y, Z).")
+    return np.ascontiguousarray(np.moveaxis(disp, 0, -1), dtype=np.float32)
+
+
+def load_field(path: str | os.PathLike, shape: tuple[int, int, int] | None = None,
+               what: str = "displacement field") -> np.ndarray:
+    """Read a LUMIR displacement field, [X,Y,Z,3] or [3,X,Y,Z], as float32 (3, X, Y, Z).
+
+    With `shape` given, a field on another grid (e.g. half resolution) is rejected, as the LUMIR
+    evaluator does.
+    """
+    img = load_nifti(path, what)
+    data = np.asanyarray(img.dataobj)
+    if data.ndim == 5 and data.shape[3] == 1:  # some tools write [X,Y,Z,1,3]
+        data = data[:, :, :, 0, :]
+    if data.ndim != 4 or 3 not in (data.shape[0], data.shape[-1]):
+        raise InputError(f"{what} '{path}' has shape {tuple(data.shape)}: expected [X,Y,Z,3] or [3,X,Y,Z].")
+    disp = np.moveaxis(data, -1, 0) if data.shape[-1] == 3 else data
+    if shape is not None and tuple(disp.shape[1:]) != tuple(shape):
+        raise InputError(f"{what} '{path}' is on a {tuple(disp.shape[1:])} grid, the images on {tuple(shape)}: "
+                         "a field must be full resolution on the fixed grid.")
+    disp = np.asarray(disp, dtype=np.float32)
+    check_finite(disp, f"{what} '{path}'")
+    return disp
+
+
+def atomic_save(img: nib.Nifti1Image, path: str | os.PathLike) -> Path:
+    """Write `img` to `path` through a temporary file in the same folder, then rename."""
+    path = Path(path)
+    if not str(path).endswith(NIFTI_SUFFIXES):
+        raise InputError(f"output '{path}' must end in .nii.gz (or .nii).")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if str(path).endswith(".gz") else ".nii"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_field(disp: np.ndarray, path: str | os.PathLike, vox2world: np.ndarray | None = None) -> Path:
+    """Write a (3, X, Y, Z) voxel displacement as the LUMIR float32 [X, Y, Z, 3] NIfTI."""
+    data = field_to_lumir(disp)
+    img = nib.Nifti1Image(data, np.eye(4) if vox2world is None else vox2world)
+    img.header.set_data_dtype(np.float32)
+    return atomic_save(img, path)
+
+
+def save_volume(volume: np.ndarray, path: str | os.PathLike, vox2world: np.ndarray | None = None,
+                dtype=np.float32) -> Path:
+    """Write a 3-D array (image or label map) as NIfTI in the given dtype."""
+    img = nib.Nifti1Image(np.asarray(volume).astype(dtype), np.eye(4) if vox2world is None else vox2world)
+    img.header.set_data_dtype(dtype)
+    return atomic_save(img, path)
