@@ -32,12 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         typer.echo("aborted", err=True)
         return 130
-    except Exception as err:  # click usage errors
-        import click
-        if isinstance(err, click.ClickException):
+    except typer.exceptions.TyperException as err:  # usage errors: bad option, missing argument
+        if hasattr(err, "show"):
             err.show()
-            return err.exit_code
-        raise
+        else:
+            typer.echo(f"error: {err.format_message()}", err=True)
+        return err.exit_code
     return 0
 
 
