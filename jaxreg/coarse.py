@@ -1,0 +1,85 @@
+"""ConvexAdam's coarse discrete search (Siebert, Hansen & Heinrich, 2021).
+
+On a grid of ``grid_spacing``-voxel cells: a cost volume over every integer displacement in a
+(2r+1)^3 window (sum over feature channels of absolute differences, twice box-filtered), then coupled
+convex rounds that alternate a smooth field (box-filtered argmin displacements) with a per-cell
+argmin of ``cost + w * |d - smooth|^2`` for increasing w; optionally the same backwards and the two
+fields made inverse consistent. Everything is in coarse-cell units until :func:`coarse_search`
+converts to voxels.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import CoarseConfig
+from .filters import avg_pool, box_filter
+from .warp import warp_field
+
+
+def search_offsets(radius: int) -> np.ndarray:
+    """(n, 3) integer displacement candidates, first axis slowest (n = (2r+1)^3)."""
+    steps = range(-radius, radius + 1)
+    return np.array(list(itertools.product(steps, steps, steps)), dtype=np.int32)
+
+
+def cost_volume(fixed_features: jnp.ndarray, moving_features: jnp.ndarray, radius: int) -> jnp.ndarray:
+    """(n, x, y, z) matching cost of every candidate displacement (moving zero-padded outside)."""
+    offsets = jnp.asarray(search_offsets(radius) + radius)
+    padded = jnp.pad(moving_features, ((0, 0),) + ((radius, radius),) * 3)
+    channels, *shape = fixed_features.shape
+
+    def one(start):
+        shifted = jax.lax.dynamic_slice(padded, (0, start[0], start[1], start[2]), (channels, *shape))
+        cost = jnp.abs(fixed_features - shifted).sum(axis=0)
+        return box_filter(box_filter(cost, 3), 3)
+
+    return jax.lax.map(one, offsets)
+
+
+def _argmin_first(values: jnp.ndarray) -> jnp.ndarray:
+    """argmin over axis 0, first index on ties (min + where + min: faster than jnp.argmin on CPU)."""
+    smallest = values.min(axis=0)
+    iota = jax.lax.broadcasted_iota(jnp.int32, values.shape, 0)
+    return jnp.where(values == smallest, iota, values.shape[0]).min(axis=0)
+
+
+def coupled_convex(cost: jnp.ndarray, offsets: jnp.ndarray, weights) -> jnp.ndarray:
+    """Coupled convex optimisation: returns the smooth displacement (3, x, y, z) in cells."""
+
+    def smooth_of(best):
+        return box_filter(jnp.stack([jnp.take(offsets[:, k], best) for k in range(3)]), 3)
+
+    smooth = smooth_of(_argmin_first(cost))
+    for weight in weights:
+        penalty = sum((offsets[:, k].reshape(-1, 1, 1, 1) - smooth[k][None]) ** 2 for k in range(3))
+        smooth = smooth_of(_argmin_first(cost + weight * penalty))
+    return smooth
+
+
+def make_inverse_consistent(forward: jnp.ndarray, backward: jnp.ndarray, iterations: int):
+    """Iterate ``u <- (u - v(x + u)) / 2`` jointly on both fields (ConvexAdam's inverse consistency)."""
+
+    def step(_, fields):
+        u, v = fields
+        return 0.5 * (u - warp_field(v, u, "zeros")), 0.5 * (v - warp_field(u, v, "zeros"))
+
+    return jax.lax.fori_loop(0, iterations, step, (forward, backward))
+
+
+def coarse_search(fixed_features: jnp.ndarray, moving_features: jnp.ndarray, config: CoarseConfig) -> jnp.ndarray:
+    """Coarse displacement (3, x, y, z) on the cell grid, in FULL-resolution voxels."""
+    fixed_cells = avg_pool(fixed_features, config.grid_spacing)
+    moving_cells = avg_pool(moving_features, config.grid_spacing)
+    offsets = jnp.asarray(search_offsets(config.search_radius), jnp.float32)
+    forward = coupled_convex(cost_volume(fixed_cells, moving_cells, config.search_radius), offsets,
+                             config.coupling_weights)
+    if config.inverse_consistent:
+        backward = coupled_convex(cost_volume(moving_cells, fixed_cells, config.search_radius), offsets,
+                                  config.coupling_weights)
+        forward, _ = make_inverse_consistent(forward, backward, config.inverse_iterations)
+    return forward * config.grid_spacing

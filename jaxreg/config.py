@@ -1,0 +1,241 @@
+"""Configuration: one frozen dataclass per stage, presets in TOML, overrides as ``stage.key=value``.
+
+Configs are frozen and hashable, so a whole :class:`RegistrationConfig` is a static argument of the
+jitted pipeline: same config + same shapes = one compiled program.
+
+ConvexAdam's abbreviations are spelt out here; the mapping, for readers of the reference code:
+
+=====================  =============================
+ConvexAdam             jaxreg
+=====================  =============================
+``mind_r``             ``features.radius``
+``mind_d``             ``features.dilation``
+``grid_sp``            ``coarse.grid_spacing``
+``disp_hw``            ``coarse.search_radius``
+``ic``                 ``coarse.inverse_consistent``
+``grid_sp_adam``       ``refine.grid_spacing``
+``selected_niter``     ``refine.iterations``
+``lambda_weight``      ``refine.diffusion_weight``
+``selected_smooth``    (not used: 0 in the LUMIR runs)
+=====================  =============================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AffineConfig:
+    """12-DOF affine initialisation by gradient descent on a coarse image pyramid.
+
+    ``levels`` are downsampling factors (coarse to fine), ``iterations`` the Adam steps per level.
+    The affine is parameterised around the image centre so that an identity start is neutral.
+    """
+
+    enabled: bool = False
+    levels: tuple[int, ...] = (4, 2)
+    iterations: tuple[int, ...] = (60, 30)
+    learning_rate: float = 0.01
+    smoothing_sigma: float = 1.0
+
+    def __post_init__(self):
+        _check(len(self.levels) == len(self.iterations),
+               f"affine.levels and affine.iterations must have the same length, got {self.levels} and {self.iterations}")
+        _check(all(int(lv) >= 1 for lv in self.levels), f"affine.levels must be >= 1, got {self.levels}")
+        _check(all(int(it) >= 0 for it in self.iterations), f"affine.iterations must be >= 0, got {self.iterations}")
+        _check(self.learning_rate > 0, f"affine.learning_rate must be > 0, got {self.learning_rate}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FeatureConfig:
+    """MIND-SSC descriptor (Heinrich et al. 2013): patch radius and neighbour dilation in voxels."""
+
+    radius: int = 1
+    dilation: int = 2
+
+    def __post_init__(self):
+        _check(self.radius >= 1, f"features.radius must be >= 1, got {self.radius}")
+        _check(self.dilation >= 1, f"features.dilation must be >= 1, got {self.dilation}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CoarseConfig:
+    """ConvexAdam's discrete stage: cost volume on a coarse grid, coupled convex rounds, inverse consistency.
+
+    ``grid_spacing``: voxels per coarse cell; ``search_radius``: half-width of the displacement
+    window in coarse cells; ``coupling_weights``: the increasing weights of the coupled rounds.
+    """
+
+    enabled: bool = True
+    grid_spacing: int = 2
+    search_radius: int = 2
+    coupling_weights: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+    inverse_consistent: bool = True
+    inverse_iterations: int = 15
+
+    def __post_init__(self):
+        _check(self.grid_spacing >= 1, f"coarse.grid_spacing must be >= 1, got {self.grid_spacing}")
+        _check(self.search_radius >= 1, f"coarse.search_radius must be >= 1, got {self.search_radius}")
+        _check(all(w >= 0 for w in self.coupling_weights), "coarse.coupling_weights must be >= 0")
+        _check(self.inverse_iterations >= 0, "coarse.inverse_iterations must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RefineConfig:
+    """Adam refinement (optax) of a displacement grid with box smoothing and diffusion regularisation.
+
+    The optimised grid has ``grid_spacing`` voxels per cell; the displacement used in the loss is the
+    grid smoothed by ``smoothing_passes`` zero-padded 3^3 box filters (ConvexAdam: 3); the loss is
+    ``sum_channels mean_voxels (F_m(x+u) - F_f)^2 + diffusion_weight * sum_axes mean(grad u)^2``.
+    """
+
+    enabled: bool = True
+    grid_spacing: int = 2
+    iterations: int = 80
+    learning_rate: float = 1.0
+    diffusion_weight: float = 1.6
+    smoothing_passes: int = 3
+
+    def __post_init__(self):
+        _check(self.grid_spacing >= 1, f"refine.grid_spacing must be >= 1, got {self.grid_spacing}")
+        _check(self.iterations >= 0, f"refine.iterations must be >= 0, got {self.iterations}")
+        _check(self.learning_rate > 0, f"refine.learning_rate must be > 0, got {self.learning_rate}")
+        _check(self.diffusion_weight >= 0, f"refine.diffusion_weight must be >= 0, got {self.diffusion_weight}")
+        _check(self.smoothing_passes >= 0, f"refine.smoothing_passes must be >= 0, got {self.smoothing_passes}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegistrationConfig:
+    """Everything that defines one registration program. ``name`` is informative only."""
+
+    name: str = "custom"
+    affine: AffineConfig = field(default_factory=AffineConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    coarse: CoarseConfig = field(default_factory=CoarseConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+
+
+STAGES = {"affine": AffineConfig, "features": FeatureConfig, "coarse": CoarseConfig, "refine": RefineConfig}
+DEFAULT_PRESET = "lumir"
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped in ``configs/``."""
+    return sorted(p.name[:-5] for p in resources.files("jaxreg.configs").iterdir() if p.name.endswith(".toml"))
+
+
+def _coerce(stage: str, key: str, value: Any, typ: Any) -> Any:
+    """Coerce a TOML / command-line value to the field's type, with a one-line error if impossible."""
+    where = f"{stage}.{key}"
+    typ = str(typ)
+    try:
+        if typ == "bool":
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes", "on"):
+                    return True
+                if value.lower() in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if typ == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if typ == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if typ.startswith("tuple[int"):
+            return tuple(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+        if typ.startswith("tuple[float"):
+            return tuple(float(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+        if typ == "str":
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(f"{where} must be {typ.replace('tuple[', 'a list of ').replace(', ...]', 's')}, got {value!r}")
+
+
+def config_from_dict(data: dict, name: str = "custom", base: RegistrationConfig | None = None) -> RegistrationConfig:
+    """Build a config from nested dicts ``{stage: {key: value}}`` on top of `base` (defaults if None).
+
+    Unknown stages or keys are rejected with the list of valid ones.
+    """
+    config = base or RegistrationConfig()
+    name = str(data.get("name", name))
+    for stage, values in data.items():
+        if stage == "name":
+            continue
+        if stage not in STAGES:
+            raise ConfigError(f"unknown config section '{stage}': must be one of {', '.join(STAGES)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section '{stage}' must be a table of key = value")
+        cls = STAGES[stage]
+        valid = {f.name: f.type for f in fields(cls)}
+        for key in values:
+            if key not in valid:
+                raise ConfigError(f"unknown key '{stage}.{key}': must be one of {', '.join(valid)}")
+        coerced = {k: _coerce(stage, k, v, valid[k]) for k, v in values.items()}
+        config = replace(config, **{stage: replace(getattr(config, stage), **coerced)})
+    return replace(config, name=name)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``"refine.iterations=100"`` -> ("refine", "iterations", 100). Values use TOML syntax."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"override '{text}' must look like stage.key=value, e.g. refine.iterations=100")
+    lhs, rhs = text.split("=", 1)
+    stage, key = lhs.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {rhs.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = rhs.strip()  # bare words such as true/false are valid TOML; anything else stays a string
+    return stage, key, value
+
+
+def load_config(preset: str | Path = DEFAULT_PRESET, overrides: list[str] | tuple[str, ...] = ()) -> RegistrationConfig:
+    """Load a preset by name (``lumir``, ``convexadam-lumir``, ``fast``) or from a TOML path, then apply
+    ``stage.key=value`` overrides."""
+    preset_str = str(preset)
+    if preset_str.endswith(".toml") or Path(preset_str).is_file():
+        path = Path(preset_str)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        text, name = path.read_text(), path.stem
+    else:
+        names = preset_names()
+        if preset_str not in names:
+            raise ConfigError(f"unknown preset '{preset_str}': must be one of {', '.join(names)} or a path to a .toml file")
+        text, name = resources.files("jaxreg.configs").joinpath(f"{preset_str}.toml").read_text(), preset_str
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config '{preset_str}' is not valid TOML: {err}") from None
+    config = config_from_dict(data, name=name)
+    nested: dict[str, dict] = {}
+    for text_override in overrides:
+        stage, key, value = parse_override(text_override)
+        nested.setdefault(stage, {})[key] = value
+    if nested:
+        config = config_from_dict(nested, name=config.name, base=config)
+    return config
+
+
+def config_to_dict(config: RegistrationConfig) -> dict:
+    """Plain nested dict (for reports and run logs)."""
+    return dataclasses.asdict(config)

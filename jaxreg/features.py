@@ -1,0 +1,50 @@
+"""MIND-SSC: the modality-independent self-similarity context descriptor (Heinrich et al., MICCAI 2013).
+
+Twelve channels per voxel: for each of the 12 pairs of 6-neighbours (offsets of +-dilation along
+one axis) that are sqrt(2)*dilation apart, the patch SSD of the image at the two offsets, with
+patches of side 2*radius+1. The SSDs are normalised per voxel (minus their minimum, divided by
+their mean) and mapped through exp(-x). Edge voxels are replicated, as in ConvexAdam, and the
+channels are in ConvexAdam's order so that features can be compared number for number.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax.numpy as jnp
+import numpy as np
+
+from .filters import box_filter
+
+# The six neighbours as positions in a 3x3x3 stencil (ConvexAdam's order) and the channel permutation
+# ConvexAdam applies "to have the same ordering as the C++ code".
+_SIX = np.array([[0, 1, 1], [1, 1, 0], [1, 0, 1], [1, 1, 2], [2, 1, 1], [1, 2, 1]])
+_CHANNEL_ORDER = [6, 8, 1, 11, 2, 10, 0, 7, 9, 4, 5, 3]
+
+
+def mind_pairs(dilation: int) -> list[tuple[tuple[int, int, int], tuple[int, int, int]]]:
+    """The 12 pairs of voxel offsets compared by MIND-SSC, in output channel order."""
+    pairs = []
+    for i, j in itertools.product(range(6), range(6)):
+        if i > j and np.sum((_SIX[i] - _SIX[j]) ** 2) == 2:
+            pairs.append((tuple(int(v) for v in (_SIX[i] - 1) * dilation), tuple(int(v) for v in (_SIX[j] - 1) * dilation)))
+    return [pairs[k] for k in _CHANNEL_ORDER]
+
+
+def mind_ssc(image: jnp.ndarray, radius: int = 1, dilation: int = 2) -> jnp.ndarray:
+    """MIND-SSC features (12, X, Y, Z) of a 3-D image (X, Y, Z), values in (0, 1]."""
+    d = dilation
+    padded = jnp.pad(image, d, mode="edge")
+    shape = image.shape
+
+    def shifted(offset):
+        return padded[tuple(slice(d + o, d + o + n) for o, n in zip(offset, shape))]
+
+    ssd = jnp.stack([(shifted(a) - shifted(b)) ** 2 for a, b in mind_pairs(d)])
+    ssd = box_filter(ssd, 2 * radius + 1, mode="edge")
+    mind = ssd - ssd.min(axis=0, keepdims=True)
+    variance = mind.mean(axis=0, keepdims=True)
+    mean_variance = variance.mean()
+    # Clamp as ConvexAdam does; the floor also keeps a constant image (variance 0) finite.
+    variance = jnp.clip(variance, jnp.maximum(mean_variance * 1e-3, 1e-12), jnp.maximum(mean_variance * 1e3, 1e-12))
+    return jnp.exp(-mind / variance)
