@@ -53,12 +53,15 @@ _SLAB_VOXELS = 1 << 18
 # input checks
 # --------------------------------------------------------------------------------------------
 
-def _as_disp(disp: np.ndarray) -> np.ndarray:
-    """`disp` as float64 (3, X, Y, Z): the official evaluator reads fields with get_fdata (float64)."""
+def _check_disp(disp: np.ndarray) -> np.ndarray:
+    """`disp` as a real (3, X, Y, Z) array. Metrics compute in float64, as the official evaluator
+    (which reads fields with get_fdata), converting slab by slab to keep memory flat."""
     disp = np.asarray(disp)
     if disp.ndim != 4 or disp.shape[0] != 3:
         raise InputError(f"displacement has shape {disp.shape}: expected (3, X, Y, Z).")
-    return disp.astype(np.float64, copy=False)
+    if not np.issubdtype(disp.dtype, np.floating) and not np.issubdtype(disp.dtype, np.integer):
+        raise InputError(f"displacement has dtype {disp.dtype}: expected a real-valued array.")
+    return disp
 
 
 def _as_label_map(labels: np.ndarray, what: str) -> np.ndarray:
@@ -121,9 +124,7 @@ def warp_labels(labels: np.ndarray, disp: np.ndarray) -> np.ndarray:
         The warped label map, shape (X, Y, Z), dtype of `labels`.
     """
     labels = _as_label_map(labels, "label map")
-    disp = np.asarray(disp)
-    if disp.ndim != 4 or disp.shape[0] != 3:
-        raise InputError(f"displacement has shape {disp.shape}: expected (3, X, Y, Z).")
+    disp = _check_disp(disp)
     out_shape = disp.shape[1:]
     flat_index = np.zeros(out_shape, dtype=np.intp)
     inside = np.ones(out_shape, dtype=bool)
@@ -524,8 +525,9 @@ def tre_keypoints(fixed_points: np.ndarray, moving_points: np.ndarray, disp: np.
                          f"and {moving_points.shape}.")
     if order not in (0, 1, 2, 3, 4, 5):
         raise InputError(f"interpolation order must be one of 0..5 (1 = linear, 3 = cubic), got {order}.")
-    disp = _as_disp(disp)
-    sampled = np.stack([ndimage.map_coordinates(disp[c], fixed_points.T, order=order) for c in range(3)], axis=1)
+    disp = _check_disp(disp)
+    sampled = np.stack([ndimage.map_coordinates(disp[c].astype(np.float64), fixed_points.T, order=order)
+                        for c in range(3)], axis=1)
     return np.linalg.norm(fixed_points + sampled - moving_points, axis=1)
 
 
@@ -598,7 +600,7 @@ def non_diffeomorphic_volume_map(disp: np.ndarray, mask: np.ndarray | None = Non
     Returns:
         float64 array of the grid's shape.
     """
-    disp = _as_disp(disp)
+    disp = _check_disp(disp)
     grid = disp.shape[1:]
     if min(grid) < 3:
         raise InputError(f"displacement grid {grid} is too small: NDV needs at least 3 voxels per axis.")
@@ -633,7 +635,7 @@ def ndv(disp: np.ndarray, mask: np.ndarray) -> float:
     central-difference Jacobian: a field can have all central determinants positive and still fold.
     A field without folds scores exactly 0. NaN (with a warning) for an empty mask.
     """
-    disp = _as_disp(disp)
+    disp = _check_disp(disp)
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != disp.shape[1:]:
         raise InputError(f"NDV mask has shape {mask.shape}, the displacement grid is {disp.shape[1:]}: they must match.")
@@ -658,14 +660,14 @@ def sdlogj(disp: np.ndarray, mask: np.ndarray | None = None) -> float:
     everywhere, so the result is 0 up to rounding, as for any constant J). With `mask` (grid
     shape), the std is taken over ``mask[2:-2, 2:-2, 2:-2]`` only (Learn2Reg's masked variant).
     """
-    disp = _as_disp(disp)
+    disp = _check_disp(disp)
     grid = disp.shape[1:]
     if min(grid) < 5:
         raise InputError(f"displacement grid {grid} is too small: SDlogJ needs at least 5 voxels per axis.")
     nx, ny, nz = grid
     log_j = np.empty((nx - 4, ny - 4, nz - 4))
     for start, stop in _slabs(nx - 4, ny * nz):
-        u = disp[:, start + 1:stop + 3, 1:ny - 1, 1:nz - 1]  # one voxel around the evaluated block
+        u = disp[:, start + 1:stop + 3, 1:ny - 1, 1:nz - 1].astype(np.float64)  # block + one voxel around
 
         def central(axis):  # [-0.5, 0, 0.5] along `axis` for the three components
             hi = [slice(1, -1)] * 3
