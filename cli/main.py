@@ -16,6 +16,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="jaxreg: JAX instance-optimisation registration of 3-D brain MRI in the LUMIR format.")
 
 # --- commands: each module registers its own command(s) on `app` ----------------------------
+from . import register as _register  # noqa: E402,F401  (jaxreg register, demo, presets)
 from . import evaluate as _evaluate  # noqa: E402,F401  (jaxreg evaluate)
 # --- end of commands ----------------------------------------------------------------------
 
