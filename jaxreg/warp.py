@@ -40,8 +40,7 @@ def trilinear_corners(coords: jnp.ndarray, shape, mode: str):
     if mode == "border":
         coords = jnp.stack([jnp.clip(coords[k], 0.0, sizes[k]) for k in range(3)])
     elif mode == "constant":
-        tol = 1e-4  # scipy treats points within rounding of the edge as inside
-        inside = jnp.all(jnp.stack([(coords[k] >= -tol) & (coords[k] <= sizes[k] + tol) for k in range(3)]), axis=0)
+        inside = jnp.all(jnp.stack([(coords[k] >= 0.0) & (coords[k] <= sizes[k]) for k in range(3)]), axis=0)
         coords = jnp.stack([jnp.clip(coords[k], 0.0, sizes[k]) for k in range(3)])
     low = jnp.floor(coords)
     frac = coords - low
