@@ -1,0 +1,403 @@
+"""Score a folder of displacement fields against a dataset with the official LUMIR metrics.
+
+For every pair of an :class:`~jaxreg.dataset.EvaluationConfig` the field
+``disp_{FIXED}_{MOVING}.nii.gz`` is read from the fields folder and scored with the metrics that
+apply to the pair (:mod:`jaxreg.metrics`): Dice and HD95 over the label list, TRE on landmark
+volumes (LUMIR's centroid version, ``tre_lm``) and, when landmark CSVs exist, on keypoints
+(``tre_kp``), NDV with the fixed (default) or moving image mask, and SDlogJ on every pair.
+
+A missing field, one on the wrong grid (e.g. half resolution) or one with NaN/inf is reported by
+name and counted, never skipped silently: :attr:`EvaluationReport.ok` is False then. The summary
+gives, per metric and over the scored pairs, the mean, the standard deviation and the 30 %
+quantile, as the LUMIR leaderboard aggregates (a NaN or inf pair value propagates, as there).
+
+Pairs are scored by a small thread pool (the heavy NumPy/SciPy work releases the GIL); each
+reference volume is read once and dropped when its last pair is done.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _stringio
+import json
+import logging
+import math
+import os
+import tempfile
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from . import metrics
+from .dataset import EvalPair, EvaluationConfig, load_keypoints_csv
+from .errors import ConfigError, InputError
+from .io import load_field, load_labels, load_volume
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "METRIC_COLUMNS",
+    "EvaluationReport",
+    "PairResult",
+    "evaluate_fields",
+    "summarize",
+    "write_csv",
+    "write_json",
+]
+
+#: Pair-level values a report can hold, in display order.
+METRIC_COLUMNS = ("dice", "hd95", "tre_lm", "tre_kp", "ndv", "sdlogj")
+NDV_MASKS = ("fixed", "moving")
+
+
+@dataclass(frozen=True)
+class PairResult:
+    """The outcome of one pair.
+
+    Attributes:
+        key: ``FIXED_MOVING``; label: ``FIXED<-MOVING``; field: the field's file name.
+        status: ``ok``, ``missing`` (no field file) or ``invalid`` (unreadable, wrong grid, NaN/inf).
+        error: why the pair was not scored (one line), else None.
+        values: pair-level metric values (keys from :data:`METRIC_COLUMNS` that apply to the pair).
+        details: per-label Dice/HD95 lists, per-landmark distances, and ``hd95_vanished`` /
+            ``tre_vanished``: labels or landmarks that vanished under the warp.
+        seconds: wall time spent on the pair.
+    """
+
+    key: str
+    label: str
+    field: str
+    status: str
+    error: str | None = None
+    values: dict = field(default_factory=dict)
+    details: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    """All pair results of one run plus the summary (see :func:`summarize`)."""
+
+    name: str
+    config_source: str
+    fields_dir: str
+    ndv_mask: str
+    keypoint_order: int
+    pairs: tuple[PairResult, ...]
+    summary: dict
+    seconds: float
+
+    @property
+    def failed(self) -> tuple[PairResult, ...]:
+        return tuple(p for p in self.pairs if not p.ok)
+
+    @property
+    def ok(self) -> bool:
+        """True only if every pair was scored."""
+        return not self.failed
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "config": self.config_source,
+            "fields_dir": self.fields_dir,
+            "ndv_mask": self.ndv_mask,
+            "keypoint_order": self.keypoint_order,
+            "pairs_total": len(self.pairs),
+            "pairs_scored": len(self.pairs) - len(self.failed),
+            "pairs_failed": {p.key: f"{p.status}: {p.error}" for p in self.failed},
+            "summary": self.summary,
+            "pairs": {p.key: {"fixed_moving": p.label, "field": p.field, "status": p.status, "error": p.error,
+                              "seconds": round(p.seconds, 3), **p.values, "details": p.details}
+                      for p in self.pairs},
+            "seconds": round(self.seconds, 3),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# reading each reference volume once
+# --------------------------------------------------------------------------------------------
+
+class _VolumeCache:
+    """Loads each reference file once, shares it between threads, drops it after its last use."""
+
+    def __init__(self, uses: Counter):
+        self._uses = uses
+        self._values: dict = {}
+        self._locks: dict = {}
+        self._guard = threading.Lock()
+
+    def get(self, kind: str, path: Path, loader):
+        key = (kind, path)
+        with self._guard:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            if key not in self._values:
+                self._values[key] = loader(path)
+            return self._values[key]
+
+    def release(self, kind: str, path: Path) -> None:
+        key = (kind, path)
+        with self._guard:
+            self._uses[key] -= 1
+            if self._uses[key] <= 0:
+                self._values.pop(key, None)
+
+
+def _load_mask(path: Path) -> np.ndarray:
+    image, _ = load_volume(path, "image")
+    return metrics.image_mask(image)
+
+
+def _load_label_map(path: Path) -> np.ndarray:
+    return load_labels(path, "label map")
+
+
+def _load_landmarks(path: Path) -> np.ndarray:
+    return load_labels(path, "landmark volume")
+
+
+def _needs(item: EvalPair, ndv_mask: str) -> list[tuple[str, Path]]:
+    """The (kind, path) reference files scoring `item` reads."""
+    needs = [("mask", item.pair.fixed if ndv_mask == "fixed" else item.pair.moving)]
+    if item.fixed_labels is not None:
+        needs += [("labels", item.fixed_labels), ("labels", item.moving_labels)]
+    if item.fixed_landmarks is not None:
+        needs += [("landmarks", item.fixed_landmarks), ("landmarks", item.moving_landmarks)]
+    if item.fixed_keypoints is not None:
+        needs += [("keypoints", item.fixed_keypoints), ("keypoints", item.moving_keypoints)]
+    return needs
+
+
+_LOADERS = {"mask": _load_mask, "labels": _load_label_map, "landmarks": _load_landmarks,
+            "keypoints": load_keypoints_csv}
+
+
+# --------------------------------------------------------------------------------------------
+# scoring
+# --------------------------------------------------------------------------------------------
+
+def _grid_shape(item: EvalPair, config: EvaluationConfig) -> tuple[int, int, int]:
+    if config.expected_shape is not None:
+        return config.expected_shape
+    try:
+        return tuple(int(n) for n in nib.load(str(item.pair.fixed)).shape[:3])
+    except Exception as err:  # nibabel raises many types for a corrupt header
+        raise InputError(f"fixed image '{item.pair.fixed}' cannot be read as NIfTI ({err}).") from None
+
+
+def _labels_for(chosen, fixed_labels: np.ndarray, moving_labels: np.ndarray) -> np.ndarray:
+    """The configured label list, or every label found in the two maps."""
+    if chosen is not None:
+        return np.asarray(chosen, dtype=np.int64)
+    found = []
+    for label_map in (fixed_labels, moving_labels):
+        if label_map.min() >= 0:
+            found.append(np.flatnonzero(np.bincount(label_map.reshape(-1))))
+        else:
+            found.append(np.unique(label_map))
+    return np.union1d(*found).astype(np.int64)
+
+
+def _as_list(values: np.ndarray) -> list:
+    return [float(v) for v in values]
+
+
+def _score_pair(item: EvalPair, config: EvaluationConfig, fields_dir: Path, cache: _VolumeCache,
+                ndv_mask: str, keypoint_order: int) -> PairResult:
+    pair = item.pair
+    start = time.perf_counter()
+    field_path = fields_dir / pair.field_name
+    result = {"key": pair.key, "label": pair.label, "field": pair.field_name}
+    if not field_path.is_file():
+        return PairResult(status="missing", error=f"displacement field '{field_path}' does not exist", **result)
+    try:
+        disp = load_field(field_path, shape=_grid_shape(item, config))
+    except InputError as err:
+        return PairResult(status="invalid", error=str(err), seconds=time.perf_counter() - start, **result)
+
+    values: dict = {}
+    details: dict = {}
+    if "dice" in item.metrics or "hd95" in item.metrics:
+        fixed_labels = cache.get("labels", item.fixed_labels, _load_label_map)
+        moving_labels = cache.get("labels", item.moving_labels, _load_label_map)
+        warped = metrics.warp_labels(moving_labels, disp)
+        if "dice" in item.metrics:
+            labels = _labels_for(config.dice_labels, fixed_labels, moving_labels)
+            per_label = metrics.dice(fixed_labels, warped, moving_labels, labels)
+            values["dice"] = metrics.nan_mean(per_label)
+            details["dice_labels"] = [int(v) for v in labels]
+            details["dice_per_label"] = _as_list(per_label)
+        if "hd95" in item.metrics:
+            labels = _labels_for(config.hd95_labels, fixed_labels, moving_labels)
+            per_label = metrics.hd95(fixed_labels, warped, moving_labels, labels)
+            values["hd95"] = metrics.nan_mean(per_label)
+            details["hd95_labels"] = [int(v) for v in labels]
+            details["hd95_per_label"] = _as_list(per_label)
+            details["hd95_vanished"] = [int(v) for v, h in zip(labels, per_label) if np.isposinf(h)]
+        del warped
+    if "tre" in item.metrics:
+        fixed_lm = cache.get("landmarks", item.fixed_landmarks, _load_landmarks)
+        moving_lm = cache.get("landmarks", item.moving_landmarks, _load_landmarks)
+        tre = metrics.tre_landmark_volumes(fixed_lm, moving_lm, disp)
+        values["tre_lm"] = tre.mean
+        details["tre_lm_landmarks"] = [int(v) for v in tre.landmarks]
+        details["tre_lm_per_landmark"] = _as_list(tre.distances)
+        details["tre_vanished"] = list(tre.vanished)
+        if item.fixed_keypoints is not None:
+            fixed_ids, fixed_pts = cache.get("keypoints", item.fixed_keypoints, load_keypoints_csv)
+            moving_ids, moving_pts = cache.get("keypoints", item.moving_keypoints, load_keypoints_csv)
+            if set(fixed_ids.tolist()) != set(moving_ids.tolist()):
+                raise InputError(f"pair {pair.label}: landmark CSVs '{item.fixed_keypoints}' and "
+                                 f"'{item.moving_keypoints}' list different landmark ids.")
+            order = {int(i): k for k, i in enumerate(moving_ids)}
+            moving_sorted = moving_pts[[order[int(i)] for i in fixed_ids]]
+            distances = metrics.tre_keypoints(fixed_pts, moving_sorted, disp, order=keypoint_order)
+            values["tre_kp"] = float(np.mean(distances))
+            details["tre_kp_ids"] = [int(i) for i in fixed_ids]
+            details["tre_kp_per_landmark"] = _as_list(distances)
+    if "ndv" in item.metrics:
+        mask_image = pair.fixed if ndv_mask == "fixed" else pair.moving
+        mask = cache.get("mask", mask_image, _load_mask)
+        values["ndv"] = metrics.ndv(disp, mask)
+    values["sdlogj"] = metrics.sdlogj(disp)
+    seconds = time.perf_counter() - start
+    logger.info("scored %s in %.1f s", pair.label, seconds)
+    return PairResult(status="ok", values=values, details=details, seconds=seconds, **result)
+
+
+def summarize(pairs) -> dict:
+    """Per metric over the scored pairs that have it: mean, std (population), 30 % quantile, max, n.
+
+    The leaderboard aggregates this way (``np.mean``, ``np.std``, ``np.quantile(.3)``), so one
+    NaN pair (a vanished landmark) makes the TRE mean NaN and one inf pair (a vanished label)
+    makes the HD95 mean inf: look at the per-pair values to see which.
+    """
+    summary = {}
+    for name in METRIC_COLUMNS:
+        column = np.array([p.values[name] for p in pairs if p.ok and name in p.values], dtype=np.float64)
+        if column.size == 0:
+            continue
+        with np.errstate(invalid="ignore"):
+            summary[name] = {
+                "mean": float(np.mean(column)),
+                "std": float(np.std(column)),
+                "q30": float(np.quantile(column, 0.3)),
+                "max": float(np.max(column)),
+                "n": int(column.size),
+            }
+    return summary
+
+
+def evaluate_fields(fields_dir: str | os.PathLike, config: EvaluationConfig, *, ndv_mask: str = "fixed",
+                    keypoint_order: int = 1, workers: int | None = None) -> EvaluationReport:
+    """Score the fields in `fields_dir` on every pair of `config`.
+
+    Arguments:
+        fields_dir: folder holding ``disp_{FIXED}_{MOVING}.nii.gz`` files.
+        config: pairs and metrics (:func:`jaxreg.dataset.resolve_evaluation_config`).
+        ndv_mask: ``fixed`` (LUMIR25, default) or ``moving`` (LUMIR24's evaluator): which image > 0
+            masks NDV.
+        keypoint_order: interpolation of the field at the keypoints for ``tre_kp``: 1 (linear,
+            as ``PEERS.md`` scores) or 3 (Learn2Reg's cubic default).
+        workers: threads; default min(pairs, CPU cores, 4).
+
+    Returns:
+        The report; ``report.ok`` is False if any pair could not be scored (``report.failed``).
+
+    Raises:
+        InputError / ConfigError: a problem with the dataset or the options (not with a field).
+    """
+    fields_dir = Path(fields_dir)
+    if not fields_dir.is_dir():
+        raise InputError(f"fields folder '{fields_dir}' does not exist: give the folder holding disp_*.nii.gz files.")
+    if ndv_mask not in NDV_MASKS:
+        raise ConfigError(f"ndv_mask must be one of {list(NDV_MASKS)}, got {ndv_mask!r}.")
+    if keypoint_order not in (1, 3):
+        raise ConfigError(f"keypoint_order must be 1 (linear) or 3 (cubic), got {keypoint_order!r}.")
+    if workers is None:
+        workers = min(len(config.pairs), os.cpu_count() or 1, 4)
+    workers = max(1, int(workers))
+    start = time.perf_counter()
+
+    uses = Counter(need for item in config.pairs for need in _needs(item, ndv_mask))
+    cache = _VolumeCache(uses)
+
+    def run(item: EvalPair) -> PairResult:
+        try:
+            return _score_pair(item, config, fields_dir, cache, ndv_mask, keypoint_order)
+        finally:
+            for kind, path in _needs(item, ndv_mask):
+                cache.release(kind, path)
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jaxreg-evaluate") as pool:
+        results = tuple(pool.map(run, config.pairs))
+    for failed in (r for r in results if not r.ok):
+        logger.warning("pair %s not scored (%s): %s", failed.label, failed.status, failed.error)
+    return EvaluationReport(
+        name=config.name,
+        config_source=config.source,
+        fields_dir=str(fields_dir.resolve()),
+        ndv_mask=ndv_mask,
+        keypoint_order=keypoint_order,
+        pairs=results,
+        summary=summarize(results),
+        seconds=time.perf_counter() - start,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# writers
+# --------------------------------------------------------------------------------------------
+
+def _atomic_write_text(text: str, path: str | os.PathLike) -> Path:
+    """Write `text` through a temporary file in the target folder, then rename (never a truncated report)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(report: EvaluationReport, path: str | os.PathLike) -> Path:
+    """The whole report as JSON (atomic). NaN and inf are written as ``NaN`` / ``Infinity``, as the
+    LUMIR evaluator does; Python's ``json`` reads them back."""
+    return _atomic_write_text(json.dumps(report.to_dict(), indent=2, allow_nan=True) + "\n", path)
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else repr(value)
+    return "" if value is None else str(value)
+
+
+def write_csv(report: EvaluationReport, path: str | os.PathLike) -> Path:
+    """One row per pair (atomic): ids, status, the metric columns, vanished labels/landmarks, error."""
+    buffer = _stringio.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["pair", "fixed", "moving", "field", "status", *METRIC_COLUMNS,
+                     "hd95_vanished", "tre_vanished", "seconds", "error"])
+    for p in report.pairs:
+        fixed, moving = p.key.split("_")
+        writer.writerow([p.label, fixed, moving, p.field, p.status,
+                         *(_cell(p.values.get(name)) for name in METRIC_COLUMNS),
+                         " ".join(str(v) for v in p.details.get("hd95_vanished", [])),
+                         " ".join(str(v) for v in p.details.get("tre_vanished", [])),
+                         f"{p.seconds:.2f}", p.error or ""])
+    return _atomic_write_text(buffer.getvalue(), path)
