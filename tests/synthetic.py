@@ -11,7 +11,7 @@ SHAPE = (40, 48, 44)
 def brain(shape=SHAPE, seed: int = 0) -> np.ndarray:
     """A smooth textured blob inside an ellipsoid, intensities in [0, 255] like LUMIR images."""
     rng = np.random.default_rng(seed)
-    texture = ndimage.gaussian_filter(rng.random(shape), 2.0)
+    texture = ndimage.gaussian_filter(rng.random(shape), 1.5)
     texture = (texture - texture.min()) / (texture.max() - texture.min())
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
     mask = (grid ** 2 / np.array([0.8, 0.8, 0.8]).reshape(3, 1, 1, 1) ** 2).sum(0) < 1
