@@ -378,6 +378,57 @@ def _robust_hausdorff_cropped(mask_a: np.ndarray, mask_b: np.ndarray, percent: f
     return max(a_to_b, b_to_a)
 
 
+def _fills_outer_layer(mask: np.ndarray) -> bool:
+    """True if every voxel on the six faces of the volume is in `mask` (background 0 of a brain scan)."""
+    return bool(mask[0].all() and mask[-1].all() and mask[:, 0].all() and mask[:, -1].all()
+                and mask[:, :, 0].all() and mask[:, :, -1].all())
+
+
+def _robust_hausdorff_outer_layer(mask_a: np.ndarray, mask_b: np.ndarray, percent: float,
+                                  spacing: tuple[float, float, float]) -> float:
+    """:func:`_robust_hausdorff_cropped` for two whole-volume masks that both fill the outer voxel layer.
+
+    Background 0 is such a mask: its bounding box is the whole volume, so the general path runs two
+    distance transforms over every voxel. Here every corner point on the volume's outer planes is a
+    surface point of both masks (distance 0), so the distance of any other surface point to the
+    other surface is the smaller of (a) its distance to the other's inner surface points, a
+    distance transform over their bounding box only (the brain's), and (b) its distance to the
+    nearest outer plane. Same multiset of (distance, area) pairs, hence the same result, at a
+    fraction of the cost.
+    """
+    codes_a, codes_b = _surface_codes(np.pad(mask_a, 1)), _surface_codes(np.pad(mask_b, 1))
+    outer = np.ones(codes_a.shape, dtype=bool)
+    outer[1:-1, 1:-1, 1:-1] = False
+    inner_a = (codes_a != 0) & (codes_a != 255) & ~outer
+    inner_b = (codes_b != 0) & (codes_b != 255) & ~outer
+    table = surfel_area_table(spacing)
+    either = inner_a | inner_b
+    box = ndimage.find_objects(either.astype(np.uint8))[0] if either.any() else None
+    last = [n - 1 for n in codes_a.shape]  # vertex index of the far outer plane on each axis
+
+    def directed(inner_from, codes_from, inner_to) -> float:
+        points = np.nonzero(inner_from)
+        to_plane = np.min([np.minimum(p, n - p).astype(np.float64) * s
+                           for p, n, s in zip(points, last, spacing)], axis=0) if points[0].size else np.zeros(0)
+        distances = to_plane
+        if box is not None and inner_to.any() and points[0].size:
+            to_inner = ndimage.distance_transform_edt(~inner_to[box], sampling=spacing)
+            distances = np.minimum(to_plane, to_inner[tuple(p - b.start for p, b in zip(points, box))])
+        areas = np.concatenate([table[codes_from[points]], table[codes_from[outer]]])
+        distances = np.concatenate([distances, np.zeros(int(outer.sum()))])
+        return _percentile_distance(distances, areas, percent)
+
+    return max(directed(inner_a, codes_a, inner_b), directed(inner_b, codes_b, inner_a))
+
+
+def _label_hausdorff(mask_a: np.ndarray, mask_b: np.ndarray, whole_volume: bool, percent: float,
+                     spacing: tuple[float, float, float]) -> float:
+    """HD of two masks cropped to their joint bounding box (`whole_volume`: the box is the volume)."""
+    if whole_volume and _fills_outer_layer(mask_a) and _fills_outer_layer(mask_b):
+        return _robust_hausdorff_outer_layer(mask_a, mask_b, percent, spacing)
+    return _robust_hausdorff_cropped(np.pad(mask_a, 1), np.pad(mask_b, 1), percent, spacing)
+
+
 def robust_hausdorff(mask_a: np.ndarray, mask_b: np.ndarray, percent: float = 95.0,
                      spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> float:
     """Robust (percentile) Hausdorff distance of two boolean masks, DeepMind ``surface-distance`` style.
@@ -395,9 +446,8 @@ def robust_hausdorff(mask_a: np.ndarray, mask_b: np.ndarray, percent: float = 95
     if not both.any():
         return float("inf")
     box = ndimage.find_objects(both.astype(np.uint8))[0]
-    crop_a = np.pad(mask_a[box], 1)
-    crop_b = np.pad(mask_b[box], 1)
-    return _robust_hausdorff_cropped(crop_a, crop_b, percent, tuple(float(s) for s in spacing))
+    whole = all(b.start == 0 and b.stop == n for b, n in zip(box, both.shape))
+    return _label_hausdorff(mask_a[box], mask_b[box], whole, percent, tuple(float(s) for s in spacing))
 
 
 def hd95(fixed_labels: np.ndarray, warped_labels: np.ndarray, moving_labels: np.ndarray, labels, *,
@@ -434,9 +484,8 @@ def hd95(fixed_labels: np.ndarray, warped_labels: np.ndarray, moving_labels: np.
             vanished.append(int(labels[k]))
             continue
         box = tuple(slice(min(f.start, w.start), max(f.stop, w.stop)) for f, w in zip(fixed_box, warped_box))
-        crop_fixed = np.pad(fixed_pos[box] == k, 1)
-        crop_warped = np.pad(warped_pos[box] == k, 1)
-        values[k] = _robust_hausdorff_cropped(crop_fixed, crop_warped, percent, spacing)
+        whole = all(b.start == 0 and b.stop == n for b, n in zip(box, fixed_pos.shape))
+        values[k] = _label_hausdorff(fixed_pos[box] == k, warped_pos[box] == k, whole, percent, spacing)
     if vanished:
         logger.warning("HD95: label(s) %s vanished after warping: HD95 is inf for them.", vanished)
     return values

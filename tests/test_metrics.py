@@ -231,6 +231,41 @@ def test_robust_hausdorff_equals_deepmind_on_random_blobs(spacing):
     assert compared >= 20
 
 
+def outer_layer_masks(rng, shape=(14, 16, 12)):
+    """Two random masks that both fill the volume's outer voxel layer, like background 0 of a scan."""
+    masks = []
+    for _ in range(2):
+        mask = ndimage.gaussian_filter(rng.random(shape), 1.5) < 0.52
+        mask[[0, -1]] = True
+        mask[:, [0, -1]] = True
+        mask[:, :, [0, -1]] = True
+        masks.append(mask)
+    return masks
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (1.3, 0.7, 1.1)])
+def test_outer_layer_shortcut_equals_the_general_path(spacing):
+    rng = np.random.default_rng(12)
+    for trial in range(20):
+        a, b = outer_layer_masks(rng)
+        if trial == 0:
+            a[1:-1, 1:-1, 1:-1] = True  # no inner surface at all in a
+        for percent in (50.0, 95.0, 100.0):
+            general = metrics._robust_hausdorff_cropped(np.pad(a, 1), np.pad(b, 1), percent, spacing)
+            assert metrics.robust_hausdorff(a, b, percent, spacing) == general
+
+
+@needs_surface_distance
+def test_outer_layer_shortcut_equals_deepmind():
+    rng = np.random.default_rng(13)
+    for _ in range(10):
+        a, b = outer_layer_masks(rng)
+        for spacing in [(1.0, 1.0, 1.0), (1.3, 0.7, 1.1)]:
+            expected = surface_distance.compute_robust_hausdorff(
+                surface_distance.compute_surface_distances(a, b, spacing), 95.0)
+            assert metrics.robust_hausdorff(a, b, 95.0, spacing) == expected
+
+
 @needs_surface_distance
 def test_hd95_per_label_equals_lumir_compute_hd95_with_deepmind():
     rng = np.random.default_rng(6)
