@@ -131,14 +131,16 @@ def warp_labels(labels: np.ndarray, disp: np.ndarray) -> np.ndarray:
     for axis in range(3):
         shape = [1, 1, 1]
         shape[axis] = out_shape[axis]
-        grid = np.arange(out_shape[axis], dtype=np.float64).reshape(shape)
-        coord = grid + disp[axis].astype(np.float64, copy=False)
         n = labels.shape[axis]
-        inside &= (coord >= 0) & (coord <= n - 1)
-        rounded = np.floor(coord + 0.5)
-        np.clip(rounded, 0, n - 1, out=rounded)  # outside samples are masked below
+        coord = disp[axis].astype(np.float64)  # a copy, worked on in place
+        coord += np.arange(out_shape[axis], dtype=np.float64).reshape(shape)  # x + u(x), in float64
+        inside &= coord >= 0
+        inside &= coord <= n - 1
+        coord += 0.5
+        np.floor(coord, out=coord)
+        np.clip(coord, 0, n - 1, out=coord)  # outside samples are set to background below
         flat_index *= n
-        flat_index += rounded.astype(np.intp)
+        flat_index += coord.astype(np.intp)
     warped = labels.reshape(-1)[flat_index]
     warped[~inside] = 0
     return warped
@@ -600,13 +602,17 @@ def _slabs(n_rows: int, row_voxels: int):
         yield start, min(n_rows, start + step)
 
 
-def _transform_rows(disp: np.ndarray, start: int, stop: int) -> np.ndarray:
-    """phi = identity + u on rows [start, stop) of axis 0, float64, shape (3, rows, Y, Z)."""
-    _, _, ny, nz = disp.shape
-    phi = disp[:, start:stop].astype(np.float64)  # a copy: the caller's field is never modified
-    phi[0] += np.arange(start, stop, dtype=np.float64)[:, None, None]
-    phi[1] += np.arange(ny, dtype=np.float64)[None, :, None]
-    phi[2] += np.arange(nz, dtype=np.float64)[None, None, :]
+def _transform_block(disp: np.ndarray, block: tuple[slice, slice, slice]) -> np.ndarray:
+    """phi = identity + u on a block of the grid, float64, in absolute voxel coordinates.
+
+    Absolute coordinates (not block-relative) keep every difference of phi rounded exactly as on
+    the whole grid, as the official evaluator computes it.
+    """
+    phi = disp[(slice(None), *block)].astype(np.float64)  # a copy: the caller's field is never modified
+    for axis, part in enumerate(block):
+        shape = [1, 1, 1]
+        shape[axis] = part.stop - part.start
+        phi[axis] += np.arange(part.start, part.stop, dtype=np.float64).reshape(shape)
     return phi
 
 
@@ -643,8 +649,8 @@ def non_diffeomorphic_volume_map(disp: np.ndarray, mask: np.ndarray | None = Non
 
     The determinants need a voxel on each side, so the one-voxel border of the volume is 0, as the
     official evaluator crops it (its ``mode='nearest'`` padding never enters the cropped result).
-    With `mask` (boolean, grid shape) the map is 0 outside it and slabs without a mask voxel are
-    skipped. Computed in float64 in slabs along axis 0 (memory stays flat).
+    With `mask` (boolean, grid shape) the map is 0 outside it and only the mask's bounding box is
+    computed. Computed in float64 in slabs along axis 0 (memory stays flat).
 
     Returns:
         float64 array of the grid's shape.
@@ -658,19 +664,27 @@ def non_diffeomorphic_volume_map(disp: np.ndarray, mask: np.ndarray | None = Non
         if mask.shape != grid:
             raise InputError(f"NDV mask has shape {mask.shape}, the displacement grid is {grid}: they must match.")
     volume = np.zeros(grid)
-    interior_rows = grid[0] - 2
-    for start, stop in _slabs(interior_rows, grid[1] * grid[2]):
-        rows = slice(1 + start, 1 + stop)  # rows of the volume evaluated in this slab
-        if mask is not None and not mask[rows, 1:-1, 1:-1].any():
-            continue
-        phi = _transform_rows(disp, start, stop + 2)
-        slab = np.zeros((stop - start, grid[1] - 2, grid[2] - 2))
+    # the interior voxels to evaluate: all of them, or the bounding box of the mask's interior part
+    region = [slice(1, n - 1) for n in grid]
+    if mask is not None:
+        inner = np.zeros(grid, dtype=np.uint8)
+        inner[1:-1, 1:-1, 1:-1] = mask[1:-1, 1:-1, 1:-1]
+        boxes = ndimage.find_objects(inner)
+        if not boxes:
+            return volume
+        region = list(boxes[0])
+    ys, zs = region[1], region[2]
+    for start, stop in _slabs(region[0].stop - region[0].start, (ys.stop - ys.start) * (zs.stop - zs.start)):
+        rows = slice(region[0].start + start, region[0].start + stop)  # voxels evaluated in this slab
+        phi = _transform_block(disp, (slice(rows.start - 1, rows.stop + 1), slice(ys.start - 1, ys.stop + 1),
+                                      slice(zs.start - 1, zs.stop + 1)))
+        slab = np.zeros((rows.stop - rows.start, ys.stop - ys.start, zs.stop - zs.start))
         for jac in _digital_jacobians(phi):
             slab += np.maximum(-jac, 0.0)
         slab *= 0.5 / 6
         if mask is not None:
-            slab *= mask[rows, 1:-1, 1:-1]
-        volume[rows, 1:-1, 1:-1] = slab
+            slab *= mask[rows, ys, zs]
+        volume[rows, ys, zs] = slab
     return volume
 
 

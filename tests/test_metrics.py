@@ -423,6 +423,9 @@ def test_ndv_matches_the_kernel_definition_on_random_fields():
     inner = mask[1:-1, 1:-1, 1:-1]
     assert reference.sum() > 1
     assert metrics.ndv(disp, mask) == pytest.approx(100 * (reference * inner).sum() / inner.sum(), rel=1e-12)
+    box = np.zeros(disp.shape[1:], bool)
+    box[3:9, 2:7, 4:10] = mask[3:9, 2:7, 4:10]  # a mask computed on its bounding box only
+    np.testing.assert_array_equal(metrics.non_diffeomorphic_volume_map(disp, box), volume * box)
 
 
 def test_ndv_in_slabs_equals_one_block(monkeypatch):
