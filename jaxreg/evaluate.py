@@ -202,7 +202,7 @@ def _labels_for(chosen, fixed_labels: np.ndarray, moving_labels: np.ndarray) -> 
         return np.asarray(chosen, dtype=np.int64)
     found = []
     for label_map in (fixed_labels, moving_labels):
-        if label_map.min() >= 0:
+        if label_map.min() >= 0 and label_map.max() < 10_000_000:  # a histogram is faster than sorting
             found.append(np.flatnonzero(np.bincount(label_map.reshape(-1))))
         else:
             found.append(np.unique(label_map))

@@ -5,6 +5,8 @@ import csv
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -273,6 +275,11 @@ def test_cli_uses_and_announces_the_default_config(tiny, tmp_path, capsys):
 def test_cli_bad_dataset_is_one_line_exit_2(tmp_path, capsys):
     code, out, err = run_cli([tmp_path / "nowhere", tmp_path], capsys)
     assert code == 2 and err.startswith("error:") and err.count("\n") == 1
+
+
+def test_scoring_never_imports_jax():
+    code = "import sys, jaxreg.evaluate, jaxreg.dataset, jaxreg.metrics; sys.exit('jax' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 # --------------------------------------------------------------------------------------------
