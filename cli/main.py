@@ -24,7 +24,7 @@ from . import evaluate as _evaluate  # noqa: E402,F401  (jaxreg evaluate)
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; turn library errors into one line and a non-zero exit code."""
     try:
-        app(args=argv, standalone_mode=False)
+        returned = app(args=argv, standalone_mode=False)  # non-standalone mode returns typer.Exit codes
     except JaxregError as err:
         typer.echo(f"error: {err}", err=True)
         return 2
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             typer.echo(f"error: {err.format_message()}", err=True)
         return err.exit_code
-    return 0
+    return returned if isinstance(returned, int) else 0
 
 
 if __name__ == "__main__":
