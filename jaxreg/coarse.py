@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import CoarseConfig
-from .filters import avg_pool, box_filter
+from .filters import box_filter
 from .warp import warp_field
 
 
@@ -84,10 +84,11 @@ def make_inverse_consistent(forward: jnp.ndarray, backward: jnp.ndarray, iterati
     return jax.lax.fori_loop(0, iterations, step, (forward, backward))
 
 
-def coarse_search(fixed_features: jnp.ndarray, moving_features: jnp.ndarray, config: CoarseConfig) -> jnp.ndarray:
-    """Coarse displacement (3, x, y, z) on the cell grid, in FULL-resolution voxels."""
-    fixed_cells = avg_pool(fixed_features, config.grid_spacing)
-    moving_cells = avg_pool(moving_features, config.grid_spacing)
+def coarse_search(fixed_cells: jnp.ndarray, moving_cells: jnp.ndarray, config: CoarseConfig) -> jnp.ndarray:
+    """Coarse displacement (3, x, y, z) on the cell grid, in FULL-resolution voxels.
+
+    `fixed_cells`, `moving_cells`: (C, x, y, z) features average-pooled by ``config.grid_spacing``.
+    """
     offsets = jnp.asarray(search_offsets(config.search_radius), jnp.float32)
     forward = coupled_convex(cost_volume(fixed_cells, moving_cells, config.search_radius), offsets,
                              config.coupling_weights)

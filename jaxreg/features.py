@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import itertools
 
+import jax
+
 import jax.numpy as jnp
 import numpy as np
 
-from .filters import box_filter
+from .filters import avg_pool, box_filter
 
 # The six neighbours as positions in a 3x3x3 stencil (ConvexAdam's order) and the channel permutation
 # ConvexAdam applies "to have the same ordering as the C++ code".
@@ -48,3 +50,50 @@ def mind_ssc(image: jnp.ndarray, radius: int = 1, dilation: int = 2) -> jnp.ndar
     # Clamp as ConvexAdam does; the floor also keeps a constant image (variance 0) finite.
     variance = jnp.clip(variance, jnp.maximum(mean_variance * 1e-3, 1e-12), jnp.maximum(mean_variance * 1e3, 1e-12))
     return jnp.exp(-mind / variance)
+
+
+def mind_ssc_pooled(image: jnp.ndarray, radius: int = 1, dilation: int = 2, factor: int = 1,
+                    slab: int = 16) -> jnp.ndarray:
+    """``avg_pool(mind_ssc(image), factor)`` computed slab by slab along axis 0 to bound memory.
+
+    The full-resolution 12-channel descriptor and its temporaries (several GB for a LUMIR image)
+    never exist at once: each slab of `slab` rows is computed with a halo, normalised with the
+    volume-wide variance bound (the clamp uses the mean over the whole image, as ConvexAdam does),
+    and pooled. Equal to the unsliced computation (tested).
+    """
+    x_size, y_size, z_size = image.shape
+    slab = max(factor, (slab // factor) * factor)
+    n_slabs = -(-x_size // slab)
+    d, r = dilation, radius
+    padded = jnp.pad(image, d, mode="edge")
+    pairs = mind_pairs(d)
+
+    def raw_slab(start):
+        # SSD rows of this slab plus r rows each side, replicated at the image edges as ConvexAdam
+        # replicates the SSD volume before its box filter
+        rows = jnp.clip(start - r + jnp.arange(slab + 2 * r), 0, x_size - 1)
+
+        def shifted(offset):
+            part = jnp.take(padded, rows + d + offset[0], axis=0)
+            return part[:, d + offset[1]: d + offset[1] + y_size, d + offset[2]: d + offset[2] + z_size]
+
+        ssd = jnp.stack([(shifted(a) - shifted(b)) ** 2 for a, b in pairs])
+        ssd = box_filter(ssd, 2 * r + 1, axes=(-2, -1), mode="edge")
+        ssd = sum(ssd[:, k: k + slab] for k in range(2 * r + 1)) / (2 * r + 1)  # valid along axis 0
+        mind = ssd - ssd.min(axis=0, keepdims=True)
+        return mind, mind.mean(axis=0)
+
+    starts = jnp.arange(n_slabs) * slab
+    minds, variances = jax.lax.map(raw_slab, starts)  # (n, 12, slab, Y, Z), (n, slab, Y, Z)
+    valid_rows = (starts[:, None] + jnp.arange(slab)[None]) < x_size
+    mean_variance = jnp.sum(jnp.where(valid_rows[:, :, None, None], variances, 0.0)) / (x_size * y_size * z_size)
+    low = jnp.maximum(mean_variance * 1e-3, 1e-12)
+    high = jnp.maximum(mean_variance * 1e3, 1e-12)
+
+    def finish(args):
+        mind, variance = args
+        return avg_pool(jnp.exp(-mind / jnp.clip(variance, low, high)[None]), factor)
+
+    pooled = jax.lax.map(finish, (minds, variances))  # (n, 12, slab/f, Y/f, Z/f)
+    pooled = jnp.moveaxis(pooled, 1, 0).reshape((12, n_slabs * (slab // factor)) + pooled.shape[3:])
+    return pooled[:, : x_size // factor]

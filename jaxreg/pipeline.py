@@ -21,7 +21,7 @@ from .affine import affine_search
 from .coarse import coarse_search
 from .config import RegistrationConfig, load_config
 from .errors import InputError
-from .features import mind_ssc
+from .features import mind_ssc_pooled
 from .io import check_finite, load_field, load_labels, load_volume, save_field, save_volume
 from .refine import refine
 from .warp import affine_coordinates, compose_affine, resize, sample, warp, warp_field
@@ -58,18 +58,24 @@ def _program(fixed, moving, init_disp, *, config: RegistrationConfig):
         matrix = jnp.asarray(IDENTITY_AFFINE)
         moving_aligned = moving_n
 
-    fixed_features = mind_ssc(fixed_n, config.features.radius, config.features.dilation)
+    radius, dilation = config.features.radius, config.features.dilation
+
+    def features(image, factor):
+        return mind_ssc_pooled(image, radius, dilation, factor)
+
     disp = jnp.zeros((3,) + shape, jnp.float32) if init_disp is None else init_disp
     if config.coarse.enabled:
-        moving_start = moving_aligned if init_disp is None else warp(moving_aligned, init_disp)
-        moving_features = mind_ssc(moving_start, config.features.radius, config.features.dilation)
-        step = resize(coarse_search(fixed_features, moving_features, config.coarse), shape)
+        # with a starting field, the coarse search looks for what remains after it
+        spacing = config.coarse.grid_spacing
+        start = moving_aligned if init_disp is None else warp(moving_aligned, init_disp)
+        step = coarse_search(features(fixed_n, spacing), features(start, spacing), config.coarse)
+        step = resize(step, shape)
         # new field: first the coarse step, then the starting field: x -> x + s(x) + d(x + s(x))
         disp = step if init_disp is None else step + warp_field(disp, step, "border")
     losses = jnp.zeros((0,), jnp.float32)
     if config.refine.enabled and config.refine.iterations > 0:
-        moving_features = mind_ssc(moving_aligned, config.features.radius, config.features.dilation)
-        disp, losses = refine(fixed_features, moving_features, disp, config.refine)
+        spacing = config.refine.grid_spacing  # same factor as the coarse stage: XLA computes it once
+        disp, losses = refine(features(fixed_n, spacing), features(moving_aligned, spacing), disp, config.refine)
 
     total = compose_affine(matrix, disp) if config.affine.enabled else disp
     moved = warp(moving_n, total, "border")

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from .config import RefineConfig
-from .filters import SPATIAL, avg_pool, box_filter, forward_difference
+from .filters import SPATIAL, box_filter, forward_difference
 from .warp import CORNERS, identity_grid, resize, trilinear_corners
 
 
@@ -76,13 +76,15 @@ def diffusion_penalty(disp: jnp.ndarray) -> jnp.ndarray:
     return sum(jnp.mean(forward_difference(disp, axis) ** 2) for axis in SPATIAL)
 
 
-def refine(fixed_features: jnp.ndarray, moving_features: jnp.ndarray, init_disp: jnp.ndarray,
-           config: RefineConfig):
-    """Refine `init_disp` (3, X, Y, Z, full-resolution voxels). Returns (disp full-res, loss trace)."""
+def refine(fixed_cells: jnp.ndarray, moving_cells: jnp.ndarray, init_disp: jnp.ndarray, config: RefineConfig):
+    """Refine `init_disp` (3, X, Y, Z, full-resolution voxels). Returns (disp full-res, loss trace).
+
+    `fixed_cells`, `moving_cells`: (C, x, y, z) features average-pooled by ``config.grid_spacing``.
+    """
     full_shape = init_disp.shape[1:]
     spacing = config.grid_spacing
-    fixed_cells = jnp.moveaxis(avg_pool(fixed_features, spacing), 0, -1)
-    moving_cells = jnp.moveaxis(avg_pool(moving_features, spacing), 0, -1)
+    fixed_cells = jnp.moveaxis(fixed_cells, 0, -1)
+    moving_cells = jnp.moveaxis(moving_cells, 0, -1)
     cell_shape = fixed_cells.shape[:3]
     params = resize(init_disp, cell_shape) / spacing
 

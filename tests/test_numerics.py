@@ -9,7 +9,7 @@ import pytest
 from scipy import ndimage
 
 import jaxreg  # noqa: F401  (sets XLA flags before jax compiles anything)
-from jaxreg.features import mind_pairs, mind_ssc
+from jaxreg.features import mind_pairs, mind_ssc, mind_ssc_pooled
 from jaxreg.filters import avg_pool, box_filter, forward_difference
 from jaxreg.warp import compose_affine, resize, sample, warp, warp_field
 
@@ -156,3 +156,10 @@ def test_mind_ssc_hand_checkable_step_edge():
 def test_mind_ssc_of_constant_image_is_finite():
     mind = np.asarray(mind_ssc(jnp.ones((6, 6, 6)), 1, 2))
     assert np.all(np.isfinite(mind))
+
+
+@pytest.mark.parametrize("shape,factor,slab", [((21, 10, 12), 2, 4), ((20, 9, 8), 1, 6), ((23, 12, 10), 3, 6)])
+def test_slab_wise_pooled_mind_equals_pooled_full_mind(shape, factor, slab):
+    image = jnp.asarray(RNG.random(shape, dtype=np.float32))
+    expected = avg_pool(mind_ssc(image, 1, 2), factor)
+    np.testing.assert_allclose(mind_ssc_pooled(image, 1, 2, factor, slab), expected, atol=2e-6)

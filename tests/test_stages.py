@@ -10,7 +10,7 @@ import jaxreg  # noqa: F401
 from jaxreg.affine import affine_search
 from jaxreg.coarse import coarse_search
 from jaxreg.config import AffineConfig, CoarseConfig, RefineConfig
-from jaxreg.features import mind_ssc
+from jaxreg.features import mind_ssc_pooled
 from jaxreg.refine import _ssd_and_gradient, refine
 from jaxreg.warp import affine_coordinates, sample, warp
 
@@ -20,15 +20,15 @@ FIXED = brain()
 MASK = ndimage.binary_erosion(FIXED > 0, iterations=3)
 
 
-def _features(image):
-    return mind_ssc(jnp.asarray(image / 255.0), 1, 2)
+def _features(image, factor=1):
+    return mind_ssc_pooled(jnp.asarray(image / 255.0), 1, 2, factor, slab=8)
 
 
 @pytest.mark.parametrize("shift", [(2, -2, 4), (0, 2, -2)])
 def test_coarse_search_recovers_integer_shift(shift):
     moving = np.roll(FIXED, shift, axis=(0, 1, 2))  # moving(x) = fixed(x - shift) -> u = +shift
     config = CoarseConfig(grid_spacing=2, search_radius=3)
-    disp = np.asarray(jax.jit(lambda f, m: coarse_search(f, m, config))(_features(FIXED), _features(moving)))
+    disp = np.asarray(jax.jit(lambda f, m: coarse_search(f, m, config))(_features(FIXED, 2), _features(moving, 2)))
     inner = MASK[::2, ::2, ::2][: disp.shape[1], : disp.shape[2], : disp.shape[3]]
     for axis in range(3):
         np.testing.assert_allclose(np.median(disp[axis][inner]), shift[axis], atol=0.25)

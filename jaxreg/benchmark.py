@@ -1,0 +1,92 @@
+"""Speed and memory of one full-size registration: compile time, time per stage, total, peak memory.
+
+Figures, not assertions: this is what `jaxreg benchmark` prints. The whole program runs first (so
+the peak memory is that of a real registration); the per-stage breakdown then runs each stage as
+its own jitted function on the same inputs, which costs a little more than inside the one program.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .coarse import coarse_search
+from .config import RegistrationConfig
+from .features import mind_ssc_pooled
+from .io import load_volume
+from .pipeline import check_pair, compiled_program, normalise
+from .refine import refine
+from .warp import resize
+
+
+@dataclass
+class BenchmarkReport:
+    """Seconds per item; ``stages`` maps stage name -> seconds (median of repeats)."""
+
+    shape: tuple
+    preset: str
+    compile_seconds: float
+    total_seconds: list
+    peak_memory_gb: float
+    stages: dict = field(default_factory=dict)
+    device: str = ""
+
+
+def peak_memory_gb() -> float:
+    """Peak resident memory of this process so far (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _timed(fn, *args, repeats: int = 1) -> float:
+    """Median wall time of `repeats` calls after one warm-up call (which compiles)."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def run_benchmark(fixed_path, moving_path, config: RegistrationConfig, *, repeats: int = 2,
+                  stages: bool = True, progress=lambda message: None) -> BenchmarkReport:
+    """Time the whole registration program, then (optionally) each stage on its own."""
+    fixed, _ = load_volume(fixed_path, "fixed image")
+    moving, _ = load_volume(moving_path, "moving image")
+    check_pair(fixed, moving)
+    progress("compiling the registration program")
+    executable, compile_seconds = compiled_program(config, fixed.shape, False)
+    f, m = jnp.asarray(fixed), jnp.asarray(moving)
+    totals = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(executable(f, m, None))
+        totals.append(time.perf_counter() - start)
+        progress(f"run {i + 1}/{repeats}: {totals[-1]:.1f} s")
+    report = BenchmarkReport(shape=fixed.shape, preset=config.name, compile_seconds=compile_seconds,
+                             total_seconds=totals, peak_memory_gb=peak_memory_gb(), device=str(jax.devices()[0]))
+    if not stages:
+        return report
+
+    progress("timing stages one by one")
+    fn, mn = normalise(f), normalise(m)
+    radius, dilation = config.features.radius, config.features.dilation
+    spacing = config.coarse.grid_spacing if config.coarse.enabled else config.refine.grid_spacing
+    features = jax.jit(lambda x: mind_ssc_pooled(x, radius, dilation, spacing))
+    report.stages["features (MIND-SSC, one image, pooled)"] = _timed(features, fn)
+    fixed_cells, moving_cells = features(fn), features(mn)
+    disp = jnp.zeros((3,) + fixed.shape, jnp.float32)
+    if config.coarse.enabled:
+        coarse = jax.jit(lambda a, b: resize(coarse_search(a, b, config.coarse), fixed.shape))
+        report.stages["coarse search (+ upsample)"] = _timed(coarse, fixed_cells, moving_cells)
+        disp = coarse(fixed_cells, moving_cells)
+    if config.refine.enabled and config.refine.iterations > 0 and config.refine.grid_spacing == spacing:
+        refiner = jax.jit(lambda a, b, d: refine(a, b, d, config.refine)[0])
+        seconds = _timed(refiner, fixed_cells, moving_cells, disp)
+        report.stages[f"refinement ({config.refine.iterations} Adam steps)"] = seconds
+    return report
