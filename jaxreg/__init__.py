@@ -1,7 +1,32 @@
-"""jaxreg: JAX instance-optimisation registration of 3-D brain MRI in the LUMIR convention."""
+"""jaxreg: JAX instance-optimisation registration of 3-D brain MRI in the LUMIR convention.
+
+Public API::
+
+    result = jaxreg.register(fixed, moving, preset="lumir")   # arrays or NIfTI paths
+    jaxreg.save_field(result.disp, "disp.nii.gz")
+
+The names below are re-exported lazily, so that host-only parts (``jaxreg.metrics``,
+``jaxreg.evaluate``) start without importing jax.
+"""
+
+from importlib import import_module
 
 from ._xla import configure_xla as _configure_xla
 
-_configure_xla()
+_configure_xla()  # XLA flags must be set before anything imports jax
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "register": "pipeline", "register_files": "pipeline", "RegistrationResult": "pipeline",
+    "RegistrationConfig": "config", "load_config": "config", "preset_names": "config",
+    "ConfigError": "errors", "InputError": "errors", "JaxregError": "errors",
+    "load_field": "io", "load_volume": "io", "save_field": "io",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'jaxreg' has no attribute {name!r}")

@@ -71,3 +71,12 @@ def test_bad_arrays_are_rejected_with_one_line():
         pipeline.register(FIXED[..., None], FIXED[..., None], config=CONFIG)
     with pytest.raises(ConfigError, match="must be one of"):
         pipeline.register(FIXED, FIXED, preset="nope")
+
+
+def test_public_api_one_call_on_arrays():
+    import jaxreg as api
+
+    result = api.register(FIXED, FIXED, config=CONFIG)
+    assert isinstance(result, api.RegistrationResult)
+    assert result.disp_lumir.shape == FIXED.shape + (3,)
+    assert set(api.preset_names()) >= {"lumir", "convexadam-lumir", "fast"}
