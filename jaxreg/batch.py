@@ -632,8 +632,8 @@ def run_batch(pairs: Sequence[Pair], output_dir: str | os.PathLike, *, config: R
                 result = _score(job, output_dir, evaluation)
                 scored[job.pair.key] = result
                 outcome = replace(outcome, metrics=dict(result.values) if result.ok else {"error": result.error})
-            except JaxregError as err:
-                outcome = replace(outcome, metrics={"error": str(err)})
+            except Exception as err:  # a scoring problem is reported on the pair, never stops the run
+                outcome = replace(outcome, metrics={"error": f"{type(err).__name__}: {_one_line(err)}"})
         line = json.dumps({**outcome.to_json(), "run": run_id}, allow_nan=True)
         with lock:
             with open(output_dir / RUN_LOG, "a", encoding="utf-8") as fh:
