@@ -19,6 +19,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 from . import register as _register  # noqa: E402,F401  (jaxreg register, demo, presets)
 from . import evaluate as _evaluate  # noqa: E402,F401  (jaxreg evaluate)
 from . import benchmark as _benchmark  # noqa: E402,F401  (jaxreg benchmark)
+from . import batch as _batch  # noqa: E402,F401  (jaxreg batch)
 # --- end of commands ----------------------------------------------------------------------
 
 

@@ -117,6 +117,9 @@ def atomic_save(img: nib.Nifti1Image, path: str | os.PathLike) -> Path:
     suffix = ".nii.gz" if str(path).endswith(".gz") else ".nii"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; outputs get the usual permissions
     try:
         nib.save(img, tmp)
         os.replace(tmp, path)
