@@ -42,27 +42,28 @@ def load_nifti(path: str | os.PathLike, what: str = "image") -> nib.Nifti1Image:
     return nib.Nifti1Image(data, img.affine, img.header)
 
 
-def load_volume(path: str | os.PathLike, what: str = "image") -> tuple[np.ndarray, np.ndarray]:
-    """Read a 3-D image as float32, checking it is 3-D and finite. Returns (array, vox2world)."""
+def _load_3d(path, what: str, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Array and vox2world of a 3-D NIfTI (a trailing singleton 4th axis is dropped)."""
     img = load_nifti(path, what)
     data = np.asanyarray(img.dataobj)
     if data.ndim == 4 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
-        raise InputError(f"{what} '{path}' has shape {tuple(data.shape)}: expected a 3-D volume.")
+        raise InputError(f"{what} '{path}' has shape {tuple(data.shape)}: expected a 3-D {kind}.")
+    return data, np.asarray(img.affine)
+
+
+def load_volume(path: str | os.PathLike, what: str = "image") -> tuple[np.ndarray, np.ndarray]:
+    """Read a 3-D image as float32, checking it is 3-D and finite. Returns (array, vox2world)."""
+    data, vox2world = _load_3d(path, what, "volume")
     data = np.asarray(data, dtype=np.float32)
     check_finite(data, f"{what} '{path}'")
-    return data, np.asarray(img.affine)
+    return data, vox2world
 
 
 def load_labels(path: str | os.PathLike, what: str = "label map") -> np.ndarray:
     """Read a 3-D integer label map (any integer dtype) as int32."""
-    img = load_nifti(path, what)
-    data = np.asanyarray(img.dataobj)
-    if data.ndim == 4 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise InputError(f"{what} '{path}' has shape {tuple(data.shape)}: expected a 3-D label map.")
+    data, _ = _load_3d(path, what, "label map")
     if not np.issubdtype(data.dtype, np.integer):
         rounded = np.rint(data)
         if not np.all(np.isfinite(data)) or np.any(np.abs(rounded - data) > 1e-3):
