@@ -8,6 +8,7 @@ convention ``moved(x) = moving(x + disp(x))``, channel c along array axis c).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from os import PathLike
@@ -92,6 +93,28 @@ def _program(fixed, moving, init_disp, *, config: RegistrationConfig):
 program = jax.jit(_program, static_argnames=("config",))
 
 _executables: dict = {}
+_cache_configured = False
+
+
+def enable_persistent_cache() -> str | None:
+    """Keep compiled programs on disk so a second process does not compile again.
+
+    The folder is ``$JAXREG_CACHE_DIR`` (set it empty to disable), else ``~/.cache/jaxreg/xla``.
+    Returns the folder in use, or None.
+    """
+    global _cache_configured
+    folder = os.environ.get("JAXREG_CACHE_DIR", str(Path.home() / ".cache" / "jaxreg" / "xla"))
+    if not _cache_configured:
+        _cache_configured = True
+        if folder:
+            try:
+                Path(folder).mkdir(parents=True, exist_ok=True)
+                jax.config.update("jax_compilation_cache_dir", folder)
+                jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+            except (OSError, AttributeError) as err:  # read-only home, old jax: compile every time
+                log.warning("persistent compilation cache disabled: %s", err)
+                return None
+    return folder or None
 
 
 def compiled_program(config: RegistrationConfig, shape: tuple[int, int, int], with_init: bool):
@@ -100,6 +123,7 @@ def compiled_program(config: RegistrationConfig, shape: tuple[int, int, int], wi
     key = (config, tuple(shape), with_init)
     if key in _executables:
         return _executables[key], 0.0
+    enable_persistent_cache()
     start = time.perf_counter()
     image = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
     init = jax.ShapeDtypeStruct((3,) + tuple(shape), jnp.float32) if with_init else None

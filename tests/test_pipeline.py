@@ -80,3 +80,17 @@ def test_public_api_one_call_on_arrays():
     assert isinstance(result, api.RegistrationResult)
     assert result.disp_lumir.shape == FIXED.shape + (3,)
     assert set(api.preset_names()) >= {"lumir", "convexadam-lumir", "fast"}
+
+
+def test_compiled_program_is_kept_on_disk_for_the_next_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = ("import numpy as np, jaxreg; from jaxreg.pipeline import register; "
+              "from jaxreg.config import load_config; "
+              "x = np.random.default_rng(0).random((16, 16, 16)).astype('float32'); "
+              "register(x, x, config=load_config('fast', ['refine.iterations=2']))")
+    env = dict(os.environ, JAXREG_CACHE_DIR=str(tmp_path / "cache"))
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
+    assert any((tmp_path / "cache").iterdir())
