@@ -39,3 +39,7 @@ def benchmark_command(
     typer.echo(f"peak memory   {report.peak_memory_gb:.2f} GB (process RSS, incl. compilation)")
     for name, seconds in report.stages.items():
         typer.echo(f"  stage  {seconds:7.2f} s  {name}")
+    if report.refine_floor_seconds:
+        typer.echo(f"refinement vs memory bandwidth: {report.bandwidth_gbps:.1f} GB/s measured, floor "
+                   f"{report.refine_floor_seconds:.2f} s, measured {report.refine_seconds:.2f} s = "
+                   f"{report.refine_seconds / report.refine_floor_seconds:.0f}x the limit")

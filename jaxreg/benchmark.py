@@ -35,6 +35,31 @@ class BenchmarkReport:
     peak_memory_gb: float
     stages: dict = field(default_factory=dict)
     device: str = ""
+    bandwidth_gbps: float | None = None
+    refine_floor_seconds: float | None = None
+    refine_seconds: float | None = None
+
+
+# Floats a refinement step must move per cell at the very least, if every pass were fused and each
+# moving feature row were read once (neighbouring cells share trilinear corners): the fixed and the
+# moving features (2C), the displacement in and its gradient out (6), the smoothing forward and
+# backward (2 x 6) and Adam's read of params, m, v, gradient and write of params, m, v (21).
+def refine_step_bytes(cells: int, channels: int) -> int:
+    """Lower bound of the bytes one refinement step moves through memory (float32)."""
+    return 4 * cells * (2 * channels + 6 + 12 + 21)
+
+
+def memory_bandwidth_gbps(megabytes: int = 256, repeats: int = 5) -> float:
+    """Achieved read+write bandwidth of elementwise passes over a large buffer (GB/s).
+
+    The passes run in a loop inside one program, updating the buffer in place: a fresh output
+    buffer per call would time the page faults of the allocation instead of the memory.
+    """
+    passes = 10
+    x = jnp.ones(megabytes * 2**20 // 4, jnp.float32)
+    scale = jax.jit(lambda v: jax.lax.fori_loop(0, passes, lambda _, w: w * 1.0001, v))
+    seconds = _timed(scale, x, repeats=repeats)
+    return passes * 2 * x.size * 4 / seconds / 1e9
 
 
 def peak_memory_gb() -> float:
@@ -89,4 +114,10 @@ def run_benchmark(fixed_path, moving_path, config: RegistrationConfig, *, repeat
         refiner = jax.jit(lambda a, b, d: refine(a, b, d, config.refine)[0])
         seconds = _timed(refiner, fixed_cells, moving_cells, disp)
         report.stages[f"refinement ({config.refine.iterations} Adam steps)"] = seconds
+        progress("measuring memory bandwidth")
+        report.bandwidth_gbps = memory_bandwidth_gbps()
+        cells = int(np.prod(fixed_cells.shape[1:]))
+        step_bytes = refine_step_bytes(cells, fixed_cells.shape[0])
+        report.refine_floor_seconds = config.refine.iterations * step_bytes / (report.bandwidth_gbps * 1e9)
+        report.refine_seconds = seconds
     return report
