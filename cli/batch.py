@@ -65,6 +65,7 @@ def batch_command(
     pairs_csv: Optional[Path] = typer.Option(
         None, "--pairs", help="CSV with fixed,moving columns (paths relative to the CSV) instead of the JSON's pairs."),
     shard: Optional[str] = typer.Option(None, "--shard", help="K/N: run only pairs i with i % N == K-1 (N jobs cover all)."),
+    qc: Optional[Path] = typer.Option(None, "--qc", help="Write a quality-control picture per pair and a sortable index.html here."),
 ) -> int:
     """Register every pair, writing disp_FIXED_MOVING.nii.gz into OUTPUT_DIR.
 
@@ -99,6 +100,11 @@ def batch_command(
         for line in _table(report.evaluation) + [""] + _summary(report.evaluation):
             typer.echo(line)
         typer.echo(f"evaluation: {output_dir / batch.EVALUATION_JSON}")
+    if qc is not None:
+        from jaxreg.qc import qc_dataset
+
+        done = [(o.pair, o.metrics) for o in report.outcomes if o.status != "failed"]
+        typer.echo(f"qc: {qc_dataset(done, output_dir, qc)}")
     if submission is not None:
         if report.failed:
             typer.echo(f"submission not written: {len(report.failed)} pairs failed.", err=True)

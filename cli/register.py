@@ -53,6 +53,7 @@ def register_command(
                                                      help="Moving label map to warp (nearest neighbour); written next to the field as warped_<name> (repeatable)."),
     init_disp: Optional[Path] = typer.Option(None, "--init-disp", help="Start from this LUMIR field (e.g. a learned model's output)."),
     summary_json: Optional[Path] = typer.Option(None, "--summary", help="Write the run summary as JSON."),
+    qc: Optional[Path] = typer.Option(None, "--qc", help="Also write a quality-control picture into this folder."),
 ):
     """Register MOVING to FIXED and write the LUMIR displacement field."""
     from jaxreg.pipeline import register_files
@@ -61,6 +62,12 @@ def register_command(
                                      warp_labels=_label_outputs(warp_labels or [], output), preset=preset,
                                      overrides=tuple(set_ or ()), init_disp=init_disp)
     ndv_percent = _ndv_percent(result, fixed)
+    if qc is not None:
+        from jaxreg.qc import qc_for_files
+
+        values = {"ndv": ndv_percent, "ncc_before": result.summary["ncc_before"], "ncc_after": result.summary["ncc_after"]}
+        written["qc"], _ = qc_for_files(fixed, moving, output, qc / output.name.replace(".nii.gz", ".png"),
+                                        values=values, label=f"{fixed.name} <- {moving.name}")
     _print_summary(result, written, ndv_percent)
     if summary_json is not None:
         summary = dict(result.summary, ndv_percent=ndv_percent, outputs={k: str(v) for k, v in written.items()})

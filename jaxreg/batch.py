@@ -35,7 +35,6 @@ import logging
 import os
 import queue
 import re
-import tempfile
 import threading
 import time
 import zipfile
@@ -55,7 +54,7 @@ from .config import RegistrationConfig, config_to_dict
 from .dataset import EvalPair, EvaluationConfig, Pair, load_evaluation_config, subject_id
 from .errors import ConfigError, InputError, JaxregError
 from .evaluate import EvaluationReport, PairResult, evaluate_fields, summarize, write_json
-from .io import load_field, load_volume, save_field
+from .io import atomic_output, load_field, load_volume, save_field
 from .pipeline import RegistrationResult, check_pair, ncc, normalise, program, register
 from .warp import warp
 
@@ -240,27 +239,6 @@ def _remove_stale_temporaries(output_dir: Path, pairs: Sequence[Pair]) -> None:
             stale.unlink(missing_ok=True)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write_bytes(write: Callable[[str], None], path: Path) -> Path:
-    """Run ``write(temporary_path)`` and rename the result to `path` (never a partial file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_submission(fields_dir: str | os.PathLike, pairs: Sequence[Pair], zip_path: str | os.PathLike,
                      folder: str | None = None) -> Path:
     """Zip the fields of `pairs` as the LUMIR validation submission: ``folder.zip`` holding one
@@ -277,14 +255,11 @@ def write_submission(fields_dir: str | os.PathLike, pairs: Sequence[Pair], zip_p
                          f"'{fields_dir}' ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}): "
                          "finish the run first (re-running the same command resumes).")
 
-    def write(tmp: str) -> None:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
-            for pair in pairs:
-                archive.write(fields_dir / pair.field_name, f"{folder}/{pair.field_name}")
-
-    written = _atomic_write_bytes(write, zip_path)
-    log.info("wrote submission %s (%d fields in %s/)", written, len(pairs), folder)
-    return written
+    with atomic_output(zip_path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+        for pair in pairs:
+            archive.write(fields_dir / pair.field_name, f"{folder}/{pair.field_name}")
+    log.info("wrote submission %s (%d fields in %s/)", zip_path, len(pairs), folder)
+    return zip_path
 
 
 # --------------------------------------------------------------------------------------------
@@ -543,7 +518,8 @@ def _check_run_config(output_dir: Path, settings: dict) -> None:
 
 def _write_run_config(output_dir: Path, settings: dict) -> None:
     text = json.dumps({**settings, "jaxreg": __version__, "jax": jax.__version__}, indent=2) + "\n"
-    _atomic_write_bytes(lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), output_dir / RUN_CONFIG)
+    with atomic_output(output_dir / RUN_CONFIG) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def run_batch(pairs: Sequence[Pair], output_dir: str | os.PathLike, *, config: RegistrationConfig,

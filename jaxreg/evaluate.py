@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -37,7 +36,7 @@ import numpy as np
 from . import metrics
 from .dataset import EvalPair, EvaluationConfig, load_keypoints_csv
 from .errors import ConfigError, InputError
-from .io import load_field, load_labels, load_volume
+from .io import atomic_output, load_field, load_labels, load_volume
 
 logger = logging.getLogger(__name__)
 
@@ -362,17 +361,10 @@ def evaluate_fields(fields_dir: str | os.PathLike, config: EvaluationConfig, *, 
 
 def _atomic_write_text(text: str, path: str | os.PathLike) -> Path:
     """Write `text` through a temporary file in the target folder, then rename (never a truncated report)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_output(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+    return Path(path)
 
 
 def write_json(report: EvaluationReport, path: str | os.PathLike) -> Path:

@@ -7,6 +7,7 @@ killed run never leaves a truncated output behind. Every reader checks what it r
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -109,24 +110,34 @@ def load_field(path: str | os.PathLike, shape: tuple[int, int, int] | None = Non
     return disp
 
 
-def atomic_save(img: nib.Nifti1Image, path: str | os.PathLike) -> Path:
-    """Write `img` to `path` through a temporary file in the same folder, then rename."""
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, suffix: str = ""):
+    """Yield a temporary path in `path`'s folder; on success rename it to `path`, else remove it.
+
+    A killed run therefore leaves either the old state or the complete file, never a truncated one.
+    """
     path = Path(path)
-    if not str(path).endswith(NIFTI_SUFFIXES):
-        raise InputError(f"output '{path}' must end in .nii.gz (or .nii).")
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if str(path).endswith(".gz") else ".nii"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; outputs get the usual permissions
     try:
-        nib.save(img, tmp)
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_save(img: nib.Nifti1Image, path: str | os.PathLike) -> Path:
+    """Write `img` to `path` through a temporary file in the same folder, then rename."""
+    path = Path(path)
+    if not str(path).endswith(NIFTI_SUFFIXES):
+        raise InputError(f"output '{path}' must end in .nii.gz (or .nii).")
+    with atomic_output(path, ".nii.gz" if str(path).endswith(".gz") else ".nii") as tmp:
+        nib.save(img, tmp)
     return path
 
 
