@@ -37,8 +37,28 @@ def _level_coordinates(shape, factor: int) -> jnp.ndarray:
     return grid
 
 
-def affine_search(fixed: jnp.ndarray, moving: jnp.ndarray, config: AffineConfig) -> jnp.ndarray:
-    """Return the 3x4 ``fixed_vox2moving_vox`` matrix that aligns `moving` to `fixed` (both (X,Y,Z))."""
+def _level_features(image: jnp.ndarray, similarity: str) -> jnp.ndarray:
+    """Channels-last features of one pyramid level: MIND-SSC, or the intensities themselves."""
+    if similarity == "mind":
+        return jnp.moveaxis(mind_ssc(image, 1, 1), 0, -1)
+    return image[..., None]
+
+
+def _dissimilarity(sampled: jnp.ndarray, fixed_features: jnp.ndarray, similarity: str) -> jnp.ndarray:
+    if similarity == "mind":
+        return jnp.mean((sampled - fixed_features) ** 2)
+    a = sampled - sampled.mean()
+    b = fixed_features - fixed_features.mean()
+    return -jnp.sum(a * b) / jnp.sqrt(jnp.sum(a * a) * jnp.sum(b * b) + 1e-12)  # minus global NCC
+
+
+def affine_search(fixed: jnp.ndarray, moving: jnp.ndarray, config: AffineConfig, similarity: str = "mind") -> jnp.ndarray:
+    """Return the 3x4 ``fixed_vox2moving_vox`` matrix that aligns `moving` to `fixed` (both (X,Y,Z)).
+
+    ``similarity``: ``"mind"`` (SSD of MIND-SSC features, robust across contrasts) or ``"ncc"``
+    (global normalised cross-correlation of intensities: smoother over large misalignments of
+    same-contrast images, used to bring native T1s to the template).
+    """
     shape = fixed.shape
     params = jnp.zeros(12, jnp.float32)
     for factor, iterations in zip(config.levels, config.iterations):
@@ -46,8 +66,8 @@ def affine_search(fixed: jnp.ndarray, moving: jnp.ndarray, config: AffineConfig)
             continue
         fixed_level = avg_pool(fixed, factor)
         moving_level = avg_pool(moving, factor)
-        fixed_features = jnp.moveaxis(mind_ssc(fixed_level, 1, 1), 0, -1)
-        moving_features = jnp.moveaxis(mind_ssc(moving_level, 1, 1), 0, -1)
+        fixed_features = _level_features(fixed_level, similarity)
+        moving_features = _level_features(moving_level, similarity)
         points = _level_coordinates(shape, factor)
 
         def loss_fn(p, points=points, moving_features=moving_features, fixed_features=fixed_features, factor=factor):
@@ -55,7 +75,7 @@ def affine_search(fixed: jnp.ndarray, moving: jnp.ndarray, config: AffineConfig)
             mapped = jnp.einsum("ij,j...->i...", matrix[:, :3], points) + matrix[:, 3].reshape(3, 1, 1, 1)
             level_coords = (mapped - (factor - 1) / 2.0) / factor  # full-res voxel -> cell coordinates
             sampled = sample(moving_features, level_coords, "border")
-            return jnp.mean((sampled - fixed_features) ** 2)
+            return _dissimilarity(sampled, fixed_features, similarity)
 
         schedule = optax.cosine_decay_schedule(config.learning_rate, iterations)
         optimiser = optax.adam(schedule)
