@@ -97,3 +97,15 @@ def test_prepare_agrees_with_the_trusted_niftyreg_conversion():
     ref_points = np.loadtxt(OASIS / "landmarksVal" / "OASISTRT_0004_0000.csv", delimiter=",", skiprows=1, usecols=(2, 3, 4))
     found = np.array([p[2:] for p in prepared.landmarks])
     assert np.linalg.norm(found - ref_points, axis=1).mean() < 3.0
+
+
+def test_prepare_warns_when_the_image_looks_like_it_has_a_skull(tmp_path):
+    head = np.zeros((180, 200, 170), np.float32)
+    grid = np.indices(head.shape, dtype=np.float32)
+    radii = np.array([80.0, 95.0, 80.0]).reshape(3, 1, 1, 1)
+    centre = (np.array(head.shape, np.float32) / 2).reshape(3, 1, 1, 1)
+    head[(((grid - centre) / radii) ** 2).sum(0) < 1] = 100.0  # a 5-litre head-sized ellipsoid
+    path = tmp_path / "head.nii.gz"
+    nib.save(nib.Nifti1Image(head, np.eye(4)), path)
+    prepared = prepare(path)
+    assert any("skull" in warning for warning in prepared.warnings)
