@@ -100,6 +100,10 @@ class RefineConfig:
     The optimised grid has ``grid_spacing`` voxels per cell; the displacement used in the loss is the
     grid smoothed by ``smoothing_passes`` zero-padded 3^3 box filters (ConvexAdam: 3); the loss is
     ``sum_channels mean_voxels (F_m(x+u) - F_f)^2 + diffusion_weight * sum_axes mean(grad u)^2``.
+
+    ``intensity_weight`` > 0 adds the [0, 1]-normalised image, average-pooled to the refinement grid
+    and multiplied by this weight, as a 13th feature channel: an intensity SSD term next to MIND, for
+    same-contrast pairs such as T1w to T1w (0 = ConvexAdam's MIND-only data term).
     """
 
     enabled: bool = True
@@ -108,6 +112,7 @@ class RefineConfig:
     learning_rate: float = 1.0
     diffusion_weight: float = 1.6
     smoothing_passes: int = 3
+    intensity_weight: float = 0.0
 
     def __post_init__(self):
         _check(self.grid_spacing >= 1, f"refine.grid_spacing must be >= 1, got {self.grid_spacing}")
@@ -115,6 +120,7 @@ class RefineConfig:
         _check(self.learning_rate > 0, f"refine.learning_rate must be > 0, got {self.learning_rate}")
         _check(self.diffusion_weight >= 0, f"refine.diffusion_weight must be >= 0, got {self.diffusion_weight}")
         _check(self.smoothing_passes >= 0, f"refine.smoothing_passes must be >= 0, got {self.smoothing_passes}")
+        _check(self.intensity_weight >= 0, f"refine.intensity_weight must be >= 0, got {self.intensity_weight}")
 
 
 @dataclass(frozen=True, kw_only=True)

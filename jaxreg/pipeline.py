@@ -23,6 +23,7 @@ from .coarse import coarse_search
 from .config import RegistrationConfig, load_config
 from .errors import InputError
 from .features import mind_ssc_pooled
+from .filters import avg_pool
 from .io import check_finite, load_field, load_labels, load_volume, save_field, save_volume
 from .refine import refine
 from .warp import affine_coordinates, compose_affine, resize, sample, warp, warp_field
@@ -76,7 +77,12 @@ def _program(fixed, moving, init_disp, *, config: RegistrationConfig):
     losses = jnp.zeros((0,), jnp.float32)
     if config.refine.enabled and config.refine.iterations > 0:
         spacing = config.refine.grid_spacing  # same factor as the coarse stage: XLA computes it once
-        disp, losses = refine(features(fixed_n, spacing), features(moving_aligned, spacing), disp, config.refine)
+        fixed_f, moving_f = features(fixed_n, spacing), features(moving_aligned, spacing)
+        if config.refine.intensity_weight > 0:  # intensity SSD channel next to MIND (same-contrast pairs)
+            weight = config.refine.intensity_weight
+            fixed_f = jnp.concatenate([fixed_f, weight * avg_pool(fixed_n, spacing)[None]])
+            moving_f = jnp.concatenate([moving_f, weight * avg_pool(moving_aligned, spacing)[None]])
+        disp, losses = refine(fixed_f, moving_f, disp, config.refine)
 
     total = compose_affine(matrix, disp) if config.affine.enabled else disp
     moved = warp(moving_n, total, "border")
