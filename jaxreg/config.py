@@ -104,6 +104,9 @@ class RefineConfig:
     ``intensity_weight`` > 0 adds the [0, 1]-normalised image, average-pooled to the refinement grid
     and multiplied by this weight, as a 13th feature channel: an intensity SSD term next to MIND, for
     same-contrast pairs such as T1w to T1w (0 = ConvexAdam's MIND-only data term).
+
+    ``fold_weight`` > 0 adds ``fold_weight * mean(relu(0.1 - det(I + grad u))^2)`` on the refinement
+    grid: a penalty on (nearly) folding cells that lets a weaker diffusion weight stay fold-free.
     """
 
     enabled: bool = True
@@ -113,6 +116,7 @@ class RefineConfig:
     diffusion_weight: float = 1.6
     smoothing_passes: int = 3
     intensity_weight: float = 0.0
+    fold_weight: float = 0.0
 
     def __post_init__(self):
         _check(self.grid_spacing >= 1, f"refine.grid_spacing must be >= 1, got {self.grid_spacing}")
@@ -121,6 +125,7 @@ class RefineConfig:
         _check(self.diffusion_weight >= 0, f"refine.diffusion_weight must be >= 0, got {self.diffusion_weight}")
         _check(self.smoothing_passes >= 0, f"refine.smoothing_passes must be >= 0, got {self.smoothing_passes}")
         _check(self.intensity_weight >= 0, f"refine.intensity_weight must be >= 0, got {self.intensity_weight}")
+        _check(self.fold_weight >= 0, f"refine.fold_weight must be >= 0, got {self.fold_weight}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -84,6 +84,18 @@ def diffusion_penalty(disp: jnp.ndarray) -> jnp.ndarray:
     return sum(jnp.mean(forward_difference(disp, axis) ** 2) for axis in SPATIAL)
 
 
+def fold_penalty(disp: jnp.ndarray, margin: float = 0.1) -> jnp.ndarray:
+    """Mean of ``relu(margin - det J)^2`` over the grid, J = I + grad(disp) (forward differences,
+    cropped to the common interior): zero where the map is locally invertible with some room to spare."""
+    x, y, z = (n - 1 for n in disp.shape[1:])
+    grads = [forward_difference(disp, axis)[:, :x, :y, :z] for axis in SPATIAL]  # d disp / d axis
+    j = [[grads[col][row] + (1.0 if row == col else 0.0) for col in range(3)] for row in range(3)]
+    det = (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
+           - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
+           + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
+    return jnp.mean(jax.nn.relu(margin - det) ** 2)
+
+
 def refine(fixed_cells: jnp.ndarray, moving_cells: jnp.ndarray, init_disp: jnp.ndarray, config: RefineConfig):
     """Refine `init_disp` (3, X, Y, Z, full-resolution voxels). Returns (disp full-res, loss trace).
 
@@ -98,7 +110,10 @@ def refine(fixed_cells: jnp.ndarray, moving_cells: jnp.ndarray, init_disp: jnp.n
 
     def loss_fn(p):
         disp = smooth_grid(p, config.smoothing_passes)
-        return warped_ssd(disp, moving_cells, fixed_cells) + config.diffusion_weight * diffusion_penalty(disp)
+        loss = warped_ssd(disp, moving_cells, fixed_cells) + config.diffusion_weight * diffusion_penalty(disp)
+        if config.fold_weight > 0:
+            loss = loss + config.fold_weight * fold_penalty(disp)
+        return loss
 
     optimiser = optax.adam(config.learning_rate)
 
