@@ -33,14 +33,6 @@ def _print_summary(result, written: dict, ndv_percent: float | None) -> None:
         typer.echo(f"wrote {what:<8s} {path}")
 
 
-def _ndv_percent(result, fixed_path) -> float | None:
-    from jaxreg.io import load_volume
-    from jaxreg.metrics import ndv
-
-    fixed, _ = load_volume(fixed_path, "fixed image")
-    return float(ndv(result.disp, fixed > 0))
-
-
 @app.command("register")
 def register_command(
     fixed: Path = typer.Argument(..., help="Fixed image (NIfTI, LUMIR geometry)."),
@@ -61,7 +53,7 @@ def register_command(
     result, written = register_files(fixed, moving, output, moved_output=moved,
                                      warp_labels=_label_outputs(warp_labels or [], output), preset=preset,
                                      overrides=tuple(set_ or ()), init_disp=init_disp)
-    ndv_percent = _ndv_percent(result, fixed)
+    ndv_percent = result.summary["ndv_percent"]
     if qc is not None:
         from jaxreg.qc import qc_for_files
 
@@ -70,7 +62,7 @@ def register_command(
                                         values=values, label=f"{fixed.name} <- {moving.name}")
     _print_summary(result, written, ndv_percent)
     if summary_json is not None:
-        summary = dict(result.summary, ndv_percent=ndv_percent, outputs={k: str(v) for k, v in written.items()})
+        summary = dict(result.summary, outputs={k: str(v) for k, v in written.items()})
         summary_json.write_text(json.dumps(summary, indent=2))
 
 
@@ -90,8 +82,7 @@ def demo_command(
     result, written = register_files(fixed, moving, output_dir / "disp_0001_0000.nii.gz",
                                      moved_output=output_dir / "moved_0000.nii.gz", preset=preset,
                                      overrides=tuple(set_ or ()))
-    ndv_percent = _ndv_percent(result, fixed)
-    _print_summary(result, written, ndv_percent)
+    _print_summary(result, written, result.summary["ndv_percent"])
     typer.echo(f"total         {time.perf_counter() - start:.1f} s wall (load, compile, register, write)")
 
 

@@ -235,7 +235,8 @@ def register_files(fixed_path, moving_path, output, *, moved_output=None, warp_l
     label maps). Everything is read and checked before anything is computed or written.
 
     `warp_labels` is a sequence of (moving label map path, output path); label maps are warped with
-    nearest neighbour exactly as the LUMIR evaluator does. Returns (result, {what: path written}).
+    nearest neighbour exactly as the LUMIR evaluator does. The summary gains ``ndv_percent`` (fixed
+    image mask). Returns (result, {what: path written}).
     """
     from .metrics import warp_labels as warp_nearest  # host-side, scipy; imported late to keep startup light
 
@@ -249,6 +250,9 @@ def register_files(fixed_path, moving_path, output, *, moved_output=None, warp_l
             raise InputError(f"label map '{source}' is {labels.shape} but the moving image is {moving.shape}.")
         label_maps.append((labels, target))
     result = register(fixed, moving, preset=preset, overrides=overrides, config=config, init_disp=init_disp)
+    from .metrics import ndv
+
+    result.summary["ndv_percent"] = float(ndv(result.disp, fixed > 0))  # LUMIR25 mask: fixed image > 0
     written = {"disp": save_field(result.disp, output, fixed_vox2world)}
     if moved_output is not None:
         low, high = float(moving.min()), float(moving.max())
