@@ -18,9 +18,19 @@ def benchmark_command(
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a config value (repeatable)."),
     repeats: int = typer.Option(2, help="Timed runs of the whole program after compilation."),
     stages: bool = typer.Option(True, help="Also time each stage on its own."),
+    reference: Optional[Path] = typer.Option(
+        None, "--reference", help="Python of an environment with `convexadam` and `torch`: time the reference "
+        "ConvexAdam (LUMIR settings) on the same pair in the same run and print the speed-up."),
+    reference_threads: int = typer.Option(0, help="torch CPU threads for --reference (0: torch's default)."),
+    reference_repeats: int = typer.Option(1, help="Timed runs of the reference (the best is compared)."),
+    throughput: Optional[str] = typer.Option(
+        None, "--throughput", help="Comma-separated pair counts, e.g. 1,2,4,8: pairs per second when that many "
+        "pairs go through one vmapped program (pays on GPU/TPU)."),
+    scaling: bool = typer.Option(False, "--scaling", help="Also time 1, 4 and 16 pairs in a row at half and full size."),
 ):
     """Print compile time, seconds per stage, seconds per pair and peak memory (figures, not a test)."""
-    from jaxreg.benchmark import run_benchmark
+    from jaxreg.benchmark import run_benchmark, run_scaling, run_throughput
+    from jaxreg.io import load_volume
     from jaxreg.config import load_config
     from jaxreg.demo import demo_pair
 
@@ -29,17 +39,53 @@ def benchmark_command(
     if fixed is None:
         fixed, moving = demo_pair()
     config = load_config(preset, tuple(set_ or ()))
-    report = run_benchmark(fixed, moving, config, repeats=repeats, stages=stages,
-                           progress=lambda msg: typer.echo(f"... {msg}", err=True))
+    counts = _counts(throughput) if throughput else ()
+    progress = lambda msg: typer.echo(f"... {msg}", err=True)  # noqa: E731
+    report = run_benchmark(fixed, moving, config, repeats=repeats, stages=stages, progress=progress)
     typer.echo(f"pair          {Path(fixed).name} <- {Path(moving).name}, shape {report.shape}, device {report.device}")
     typer.echo(f"preset        {report.preset}")
     typer.echo(f"compile       {report.compile_seconds:.1f} s")
     typer.echo("per pair      " + ", ".join(f"{t:.2f} s" for t in report.total_seconds)
                + f"  (best {min(report.total_seconds):.2f} s)")
     typer.echo(f"peak memory   {report.peak_memory_gb:.2f} GB (process RSS, incl. compilation)")
+    if report.device_peak_gb is not None:
+        typer.echo(f"device memory {report.device_peak_gb:.2f} GB peak (accelerator allocator)")
     for name, seconds in report.stages.items():
         typer.echo(f"  stage  {seconds:7.2f} s  {name}")
     if report.refine_floor_seconds:
         typer.echo(f"refinement vs memory bandwidth: {report.bandwidth_gbps:.1f} GB/s measured, floor "
                    f"{report.refine_floor_seconds:.2f} s, measured {report.refine_seconds:.2f} s = "
                    f"{report.refine_seconds / report.refine_floor_seconds:.0f}x the limit")
+    best = min(report.total_seconds)
+    if counts or scaling:
+        fixed_a, moving_a = load_volume(fixed, "fixed image")[0], load_volume(moving, "moving image")[0]
+    if counts:
+        rows = run_throughput(fixed_a, moving_a, config, counts, progress=progress)
+        typer.echo("pairs at once   compile      time   pairs/s")
+        for row in rows:
+            typer.echo(f"{row.pairs:>13}   {row.compile_seconds:5.1f} s  {row.seconds:6.2f} s  {row.pairs_per_second:8.2f}")
+    if scaling:
+        rows = run_scaling(fixed_a, moving_a, config, progress=progress)
+        typer.echo("grid                voxels   pairs    total   s/pair")
+        for row in rows:
+            voxels = row.shape[0] * row.shape[1] * row.shape[2]
+            typer.echo(f"{str(row.shape):<18} {voxels / 1e6:5.2f} M {row.pairs:>7} {row.seconds:7.1f} s {row.seconds_per_pair:7.2f} s")
+    if reference is not None:
+        from jaxreg.reference import time_reference
+
+        progress("running the reference ConvexAdam (PyTorch) on the same pair")
+        ref = time_reference(reference, fixed, moving, threads=reference_threads, repeats=reference_repeats)
+        typer.echo(f"reference     ConvexAdam (torch {ref.torch}, {ref.device}): {min(ref.seconds):.1f} s, "
+                   f"peak memory {ref.peak_memory_gb:.2f} GB"
+                   + (f", device memory {ref.device_peak_gb:.2f} GB" if ref.device_peak_gb is not None else ""))
+        typer.echo(f"speed-up      {min(ref.seconds) / best:.1f}x ({best:.2f} s vs {min(ref.seconds):.1f} s per pair)")
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"--throughput takes comma-separated pair counts such as 1,2,4,8, not '{text}'")
+    if not counts or min(counts) < 1:
+        raise typer.BadParameter("--throughput counts must be >= 1")
+    return counts

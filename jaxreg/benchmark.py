@@ -7,6 +7,7 @@ its own jitted function on the same inputs, which costs a little more than insid
 
 from __future__ import annotations
 
+import logging
 import resource
 import time
 from dataclasses import dataclass, field
@@ -19,9 +20,11 @@ from .coarse import coarse_search
 from .config import RegistrationConfig
 from .features import mind_ssc_pooled
 from .io import load_volume
-from .pipeline import check_pair, compiled_program, normalise
+from .pipeline import check_pair, compiled_batched_program, compiled_program, normalise
 from .refine import refine
 from .warp import resize
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,6 +41,7 @@ class BenchmarkReport:
     bandwidth_gbps: float | None = None
     refine_floor_seconds: float | None = None
     refine_seconds: float | None = None
+    device_peak_gb: float | None = None
 
 
 # Floats a refinement step must move per cell at the very least, if every pass were fused and each
@@ -67,6 +71,16 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def device_peak_memory_gb() -> float | None:
+    """Peak memory the accelerator's allocator has held (None on CPU, where RSS says it all)."""
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return None
+    stats = device.memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**30
+
+
 def _timed(fn, *args, repeats: int = 1) -> float:
     """Median wall time of `repeats` calls after one warm-up call (which compiles)."""
     jax.block_until_ready(fn(*args))
@@ -94,7 +108,8 @@ def run_benchmark(fixed_path, moving_path, config: RegistrationConfig, *, repeat
         totals.append(time.perf_counter() - start)
         progress(f"run {i + 1}/{repeats}: {totals[-1]:.1f} s")
     report = BenchmarkReport(shape=fixed.shape, preset=config.name, compile_seconds=compile_seconds,
-                             total_seconds=totals, peak_memory_gb=peak_memory_gb(), device=str(jax.devices()[0]))
+                             total_seconds=totals, peak_memory_gb=peak_memory_gb(), device=str(jax.devices()[0]),
+                             device_peak_gb=device_peak_memory_gb())
     if not stages:
         return report
 
@@ -121,3 +136,78 @@ def run_benchmark(fixed_path, moving_path, config: RegistrationConfig, *, repeat
         report.refine_floor_seconds = config.refine.iterations * step_bytes / (report.bandwidth_gbps * 1e9)
         report.refine_seconds = seconds
     return report
+
+
+@dataclass
+class ThroughputRow:
+    """Pairs registered at once by one vmapped program, and what it cost."""
+
+    pairs: int
+    compile_seconds: float
+    seconds: float  # best of the repeats, for all `pairs` together
+
+    @property
+    def pairs_per_second(self) -> float:
+        return self.pairs / self.seconds
+
+
+def run_throughput(fixed: np.ndarray, moving: np.ndarray, config: RegistrationConfig, group_sizes=(1, 2, 4, 8),
+                   *, repeats: int = 3, progress=lambda message: None) -> list[ThroughputRow]:
+    """Pairs per second when B copies of the pair go through one vmapped program, for each B.
+
+    Worth it on an accelerator, where one pair leaves the device partly idle; on CPU the cores are
+    already busy with one pair and B pairs need B times the memory.
+    """
+    rows = []
+    for pairs in group_sizes:
+        progress(f"{pairs} pair(s) at once: compiling")
+        executable, compile_seconds = compiled_batched_program(config, fixed.shape, pairs)
+        f = jnp.broadcast_to(jnp.asarray(fixed), (pairs,) + fixed.shape)
+        m = jnp.broadcast_to(jnp.asarray(moving), (pairs,) + moving.shape)
+        f, m = jnp.array(f), jnp.array(m)  # own buffers, as real stacks would be
+        jax.block_until_ready(executable(f, m))
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(executable(f, m))
+            times.append(time.perf_counter() - start)
+        rows.append(ThroughputRow(pairs, compile_seconds, min(times)))
+        progress(f"{pairs} pair(s) at once: {rows[-1].seconds:.3f} s, {rows[-1].pairs_per_second:.2f} pairs/s")
+    return rows
+
+
+@dataclass
+class ScalingRow:
+    """`pairs` registrations of one grid size, one after the other in one process."""
+
+    shape: tuple
+    pairs: int
+    seconds: float
+
+    @property
+    def seconds_per_pair(self) -> float:
+        return self.seconds / self.pairs
+
+
+def half_size(image: np.ndarray) -> np.ndarray:
+    """The image on a grid with half as many voxels per axis (2x2x2 block means)."""
+    x, y, z = (n // 2 * 2 for n in image.shape)
+    return image[:x, :y, :z].reshape(x // 2, 2, y // 2, 2, z // 2, 2).mean(axis=(1, 3, 5))
+
+
+def run_scaling(fixed: np.ndarray, moving: np.ndarray, config: RegistrationConfig, counts=(1, 4, 16),
+                *, progress=lambda message: None) -> list[ScalingRow]:
+    """Wall time of 1, 4, 16 ... pairs registered one after the other (after compilation), at half
+    and at full size: cost should grow linearly with the pairs and at most linearly with the voxels."""
+    rows = []
+    for f, m in ((half_size(fixed), half_size(moving)), (fixed, moving)):
+        executable, _ = compiled_program(config, f.shape, False)
+        f, m = jnp.asarray(f), jnp.asarray(m)
+        jax.block_until_ready(executable(f, m, None))
+        for pairs in counts:
+            start = time.perf_counter()
+            for _ in range(pairs):
+                jax.block_until_ready(executable(f, m, None))
+            rows.append(ScalingRow(tuple(f.shape), pairs, time.perf_counter() - start))
+            progress(f"{f.shape}: {pairs} pair(s) in {rows[-1].seconds:.1f} s")
+    return rows

@@ -8,6 +8,7 @@ killed run never leaves a truncated output behind. Every reader checks what it r
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
 import tempfile
 from pathlib import Path
@@ -131,13 +132,26 @@ def atomic_output(path: str | os.PathLike, suffix: str = ""):
         raise
 
 
-def atomic_save(img: nib.Nifti1Image, path: str | os.PathLike) -> Path:
-    """Write `img` to `path` through a temporary file in the same folder, then rename."""
+# Displacement fields barely compress (float32 noise in the low bits): gzip level 0 writes the 83 MB
+# LUMIR field in 0.35 s instead of 2.3 s (nibabel's level 1) for a file 9 % larger, and the evaluator
+# reads it 3x faster. Label maps and images compress well and keep nibabel's level.
+FIELD_GZIP_LEVEL = 0
+
+
+def atomic_save(img: nib.Nifti1Image, path: str | os.PathLike, gzip_level: int | None = None) -> Path:
+    """Write `img` to `path` through a temporary file in the same folder, then rename.
+
+    `gzip_level` (0-9) overrides nibabel's compression level for a .nii.gz output."""
     path = Path(path)
     if not str(path).endswith(NIFTI_SUFFIXES):
         raise InputError(f"output '{path}' must end in .nii.gz (or .nii).")
-    with atomic_output(path, ".nii.gz" if str(path).endswith(".gz") else ".nii") as tmp:
-        nib.save(img, tmp)
+    gzipped = str(path).endswith(".gz")
+    with atomic_output(path, ".nii.gz" if gzipped else ".nii") as tmp:
+        if gzipped and gzip_level is not None:
+            with gzip.open(tmp, "wb", compresslevel=gzip_level) as stream:
+                stream.write(img.to_bytes())
+        else:
+            nib.save(img, tmp)
     return path
 
 
@@ -146,7 +160,7 @@ def save_field(disp: np.ndarray, path: str | os.PathLike, vox2world: np.ndarray 
     data = field_to_lumir(disp)
     img = nib.Nifti1Image(data, np.eye(4) if vox2world is None else vox2world)
     img.header.set_data_dtype(np.float32)
-    return atomic_save(img, path)
+    return atomic_save(img, path, FIELD_GZIP_LEVEL)
 
 
 def save_volume(volume: np.ndarray, path: str | os.PathLike, vox2world: np.ndarray | None = None,

@@ -123,19 +123,39 @@ def enable_persistent_cache() -> str | None:
     return folder or None
 
 
-def compiled_program(config: RegistrationConfig, shape: tuple[int, int, int], with_init: bool):
-    """The compiled program for this config and grid, compiled once per process (ahead of time, so
-    compilation is timed separately). Returns (executable, compile_seconds; 0.0 when cached)."""
-    key = (config, tuple(shape), with_init)
+def _compile(key, jitted, *args, config: RegistrationConfig):
+    """Compile `jitted` for these abstract arguments once per process (ahead of time, so compilation
+    is timed apart). Returns (executable, compile_seconds; 0.0 when cached)."""
     if key in _executables:
         return _executables[key], 0.0
     enable_persistent_cache()
     start = time.perf_counter()
-    image = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
-    init = jax.ShapeDtypeStruct((3,) + tuple(shape), jnp.float32) if with_init else None
-    executable = program.lower(image, image, init, config=config).compile()
+    executable = jitted.lower(*args, config=config).compile()
     _executables[key] = executable
     return executable, time.perf_counter() - start
+
+
+def compiled_program(config: RegistrationConfig, shape: tuple[int, int, int], with_init: bool):
+    """The compiled program for this config and grid. Returns (executable, compile_seconds)."""
+    image = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
+    init = jax.ShapeDtypeStruct((3,) + tuple(shape), jnp.float32) if with_init else None
+    return _compile((config, tuple(shape), with_init), program, image, image, init, config=config)
+
+
+def _batched_program(fixed, moving, *, config: RegistrationConfig):
+    """`_program` over a leading pair axis: (B, X, Y, Z) stacks in, every output gains the B axis."""
+    return jax.vmap(lambda f, m: _program(f, m, None, config=config))(fixed, moving)
+
+
+batched_program = jax.jit(_batched_program, static_argnames=("config",))
+
+
+def compiled_batched_program(config: RegistrationConfig, shape: tuple[int, int, int], pairs: int):
+    """The compiled program registering `pairs` same-grid pairs at once (vmap). On an accelerator
+    this raises pairs per second while one pair leaves the device partly idle; on CPU it only
+    multiplies the memory. Returns (executable, compile_seconds)."""
+    stack = jax.ShapeDtypeStruct((pairs,) + tuple(shape), jnp.float32)
+    return _compile((config, tuple(shape), "batched", pairs), batched_program, stack, stack, config=config)
 
 
 @dataclass

@@ -26,3 +26,50 @@ def test_benchmark_reports_compile_stages_memory_and_bandwidth(tmp_path):
 
 def test_refine_step_bytes_counts_floats_per_cell():
     assert refine_step_bytes(1, 12) == 4 * (24 + 39)
+
+
+def test_vmapped_program_registers_each_pair_as_the_single_pair_program_does():
+    import jax.numpy as jnp
+
+    from jaxreg.pipeline import compiled_batched_program, compiled_program
+
+    fixed = brain()
+    movings = [pull(fixed, smooth_field(seed=seed)) for seed in (1, 2)]
+    config = load_config("convexadam-lumir", ["refine.iterations=30"])
+    single, _ = compiled_program(config, fixed.shape, False)
+    batched, _ = compiled_batched_program(config, fixed.shape, 2)
+    out = batched(jnp.stack([fixed, fixed]), jnp.stack(movings))
+    for i, moving in enumerate(movings):
+        expected = np.asarray(single(jnp.asarray(fixed), jnp.asarray(moving), None)["disp"])
+        np.testing.assert_allclose(np.asarray(out["disp"][i]), expected, atol=2e-3)
+    assert not np.allclose(out["disp"][0], out["disp"][1], atol=0.05)  # two different answers
+
+
+def test_throughput_and_scaling_rows_count_pairs_and_halve_the_grid():
+    from jaxreg.benchmark import half_size, run_scaling, run_throughput
+
+    fixed = brain()
+    moving = pull(fixed, smooth_field())
+    config = load_config("convexadam-lumir", ["refine.iterations=30"])
+    rows = run_throughput(fixed, moving, config, (2,), repeats=1)  # the program compiled above
+    assert [r.pairs for r in rows] == [2] and rows[0].seconds > 0
+    assert rows[0].pairs_per_second == 2 / rows[0].seconds
+    scaling = run_scaling(fixed, moving, config, counts=(1, 2))
+    half = tuple(n // 2 for n in fixed.shape)
+    assert [(r.shape, r.pairs) for r in scaling] == [(half, 1), (half, 2), (fixed.shape, 1), (fixed.shape, 2)]
+    block = np.arange(8, dtype=np.float32).reshape(2, 2, 2)
+    assert half_size(block).shape == (1, 1, 1) and half_size(block)[0, 0, 0] == 3.5
+
+
+def test_reference_timing_needs_an_environment_with_convexadam(tmp_path):
+    import sys
+
+    import pytest
+
+    from jaxreg.errors import InputError
+    from jaxreg.reference import time_reference
+
+    with pytest.raises(InputError, match="not found"):
+        time_reference(tmp_path / "no-python", "f.nii.gz", "m.nii.gz")
+    with pytest.raises(InputError, match="pip install convexadam torch"):  # this environment has no convexadam
+        time_reference(sys.executable, "f.nii.gz", "m.nii.gz")
