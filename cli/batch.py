@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import List, Optional
 
@@ -66,6 +67,11 @@ def batch_command(
         None, "--pairs", help="CSV with fixed,moving columns (paths relative to the CSV) instead of the JSON's pairs."),
     shard: Optional[str] = typer.Option(None, "--shard", help="K/N: run only pairs i with i % N == K-1 (N jobs cover all)."),
     qc: Optional[Path] = typer.Option(None, "--qc", help="Write a quality-control picture per pair and a sortable index.html here."),
+    ray: bool = typer.Option(False, "--ray", help="Run the pairs as Ray tasks: on $RAY_ADDRESS or a cluster started here "
+                             "with `ray start`, else on a new local Ray instance. Needs: pip install 'jaxreg[ray]'."),
+    ray_address: Optional[str] = typer.Option(
+        None, "--ray-address", metavar="HOST:PORT", help="Run on the Ray cluster whose head is at HOST:PORT (implies --ray)."),
+    ray_cpus: int = typer.Option(1, "--ray-cpus", help="With --ray on a cluster without GPUs: CPUs reserved per pair."),
 ) -> int:
     """Register every pair, writing disp_FIXED_MOVING.nii.gz into OUTPUT_DIR.
 
@@ -93,8 +99,16 @@ def batch_command(
 
     header = (f"{f'shard {shard}, ' if shard else ''}preset {config.name}"
               f"{', starting from ' + str(init_fields) if init_fields else ''} -> {output_dir}")
-    report = batch.run_batch(pairs, output_dir, config=config, init_fields=init_fields, evaluation=evaluation,
-                             guard=guard, progress=lambda event: typer.echo(_progress_line(event, header), err=True))
+    executor = None
+    if ray or ray_address:
+        from jaxreg.cluster import RayExecutor
+
+        executor = RayExecutor(ray_address, cpus_per_task=ray_cpus)
+        header += f" on {executor.name}"
+    with executor or contextlib.nullcontext():
+        report = batch.run_batch(pairs, output_dir, config=config, init_fields=init_fields, evaluation=evaluation,
+                                 guard=guard, executor=executor,
+                                 progress=lambda event: typer.echo(_progress_line(event, header), err=True))
 
     if report.evaluation is not None:
         for line in _table(report.evaluation) + [""] + _summary(report.evaluation):

@@ -43,6 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +64,9 @@ log = logging.getLogger(__name__)
 __all__ = [
     "EVALUATION_JSON",
     "BatchReport",
+    "Executor",
     "PairOutcome",
+    "PairTask",
     "Progress",
     "RUN_CONFIG",
     "RUN_LOG",
@@ -411,6 +414,38 @@ class _Job:
     evaluation: EvalPair | None
 
 
+@dataclass(frozen=True)
+class PairTask:
+    """One pair to register, self-contained and picklable so that another process or machine can
+    run it (:mod:`jaxreg.cluster`). ``task()`` runs the local per-pair code path (load, register,
+    guard, atomic write) on this process's first JAX device and returns the :class:`PairOutcome`;
+    running it again rewrites the same field, so a retried task is harmless."""
+
+    job: _Job
+    config: RegistrationConfig
+    guard: bool
+
+    @property
+    def pair(self) -> Pair:
+        return self.job.pair
+
+    def __call__(self) -> PairOutcome:
+        return _run_pair(self.job, self.config, jax.local_devices()[0], False, self.guard)
+
+
+class Executor(Protocol):
+    """Runs the pairs to register somewhere other than this process's devices (e.g.
+    :class:`jaxreg.cluster.RayExecutor`); planning, resume, logging and scoring stay in
+    :func:`run_batch`. ``run`` calls ``finish(task, outcome)`` exactly once per task, in any order
+    and from any thread, turning a task that could not run into a ``failed`` outcome. ``workers``
+    (pairs run at once) scales the ETA; ``name`` goes into :attr:`BatchReport.devices`."""
+
+    workers: int
+    name: str
+
+    def run(self, tasks: Sequence[PairTask], finish: Callable[[PairTask, PairOutcome], None]) -> None: ...
+
+
 def _score(job: _Job, output_dir: Path, evaluation: EvaluationConfig) -> PairResult:
     """Score one written field with the built-in evaluator (one pair, one thread)."""
     return evaluate_fields(output_dir, replace(evaluation, pairs=(job.evaluation,)), workers=1).pairs[0]
@@ -525,7 +560,8 @@ def _write_run_config(output_dir: Path, settings: dict) -> None:
 def run_batch(pairs: Sequence[Pair], output_dir: str | os.PathLike, *, config: RegistrationConfig,
               init_fields: str | os.PathLike | None = None, evaluation: EvaluationConfig | None = None,
               guard: bool = True, devices: Sequence | None = None,
-              progress: Callable[[Progress], None] | None = None) -> BatchReport:
+              progress: Callable[[Progress], None] | None = None,
+              executor: Executor | None = None) -> BatchReport:
     """Register every pair into `output_dir`, resuming where an earlier run stopped.
 
     Arguments:
@@ -543,6 +579,8 @@ def run_batch(pairs: Sequence[Pair], output_dir: str | os.PathLike, *, config: R
         devices: JAX devices to spread the pairs over (default: every local device; one device
             runs a plain loop, several run one thread per device).
         progress: called after each pair with a :class:`Progress`.
+        executor: run the pairs to register through it (e.g. on a Ray cluster) instead of on
+            `devices`; everything else (plan, resume, log, scoring) is unchanged.
 
     Returns:
         The :class:`BatchReport`; ``report.exit_code`` is the number of failed pairs (max 125).
@@ -586,12 +624,17 @@ def run_batch(pairs: Sequence[Pair], output_dir: str | os.PathLike, *, config: R
     _write_run_config(output_dir, settings)
     _remove_stale_temporaries(output_dir, pairs)
 
-    devices = list(devices) if devices is not None else jax.local_devices()
+    if executor is not None:
+        devices = [executor.name]
+    else:
+        devices = list(devices) if devices is not None else jax.local_devices()
+    slots = executor.workers if executor is not None else len(devices)
     several = len(devices) > 1
     to_run = sum(status == "run" for status, _ in planned.values())
     finished_earlier = sum(status == "skipped" for status, _ in planned.values())
-    log.info("batch: %d pairs, %d to register, %d finished earlier, %d failed checks, on %d device(s)",
-             len(pairs), to_run, finished_earlier, len(pairs) - to_run - finished_earlier, len(devices))
+    log.info("batch: %d pairs, %d to register, %d finished earlier, %d failed checks, on %s",
+             len(pairs), to_run, finished_earlier, len(pairs) - to_run - finished_earlier,
+             executor.name if executor is not None else f"{len(devices)} device(s)")
 
     if progress is not None:
         progress(Progress(None, 0, len(jobs), to_run, finished_earlier, None))
@@ -618,7 +661,7 @@ def run_batch(pairs: Sequence[Pair], output_dir: str | os.PathLike, *, config: R
             if outcome.status != "skipped" and planned[job.pair.key][0] == "run":
                 registered_costs.append(outcome.wall_seconds - outcome.compile_seconds)
             left = sum(planned[k][0] == "run" for k in planned if k not in outcomes)
-            eta = (float(np.mean(registered_costs)) * left / len(devices)) if registered_costs else None
+            eta = (float(np.mean(registered_costs)) * left / max(slots, 1)) if registered_costs else None
             if outcome.status == "failed":
                 log.info("pair %s failed: %s", job.pair.label, outcome.error)
             if progress is not None:
@@ -634,7 +677,16 @@ def run_batch(pairs: Sequence[Pair], output_dir: str | os.PathLike, *, config: R
         else:
             finish(job, _run_pair(job, config, device, several, guard))
 
-    if not several:
+    if executor is not None:
+        for job in jobs:
+            if planned[job.pair.key][0] != "run":
+                handle(job, None)
+        executor.run([PairTask(job, config, guard) for job in jobs if planned[job.pair.key][0] == "run"],
+                     lambda task, outcome: finish(task.job, outcome))
+        for job in jobs:  # an executor that lost a task must not lose its log line
+            if job.pair.key not in outcomes:
+                finish(job, PairOutcome(job.pair, "failed", error=f"{executor.name} did not run this pair"))
+    elif not several:
         for job in jobs:
             handle(job, devices[0])
     else:
