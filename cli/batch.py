@@ -72,6 +72,9 @@ def batch_command(
     ray_address: Optional[str] = typer.Option(
         None, "--ray-address", metavar="HOST:PORT", help="Run on the Ray cluster whose head is at HOST:PORT (implies --ray)."),
     ray_cpus: int = typer.Option(1, "--ray-cpus", help="With --ray on a cluster without GPUs: CPUs reserved per pair."),
+    threads_per_device: Optional[int] = typer.Option(
+        None, "--threads-per-device", help="Pairs in flight per device (default 4 on GPU/TPU to overlap file "
+        "reading and writing with the device, 1 on CPU)."),
 ) -> int:
     """Register every pair, writing disp_FIXED_MOVING.nii.gz into OUTPUT_DIR.
 
@@ -107,7 +110,7 @@ def batch_command(
         header += f" on {executor.name}"
     with executor or contextlib.nullcontext():
         report = batch.run_batch(pairs, output_dir, config=config, init_fields=init_fields, evaluation=evaluation,
-                                 guard=guard, executor=executor,
+                                 guard=guard, executor=executor, threads_per_device=threads_per_device,
                                  progress=lambda event: typer.echo(_progress_line(event, header), err=True))
 
     if report.evaluation is not None:

@@ -16,7 +16,7 @@ import optax
 from .config import AffineConfig
 from .features import mind_ssc
 from .filters import avg_pool
-from .warp import sample
+from .warp import HIGHEST, sample
 
 TRANSLATION_SCALE = 20.0  # voxels per unit of the translation parameters
 
@@ -25,7 +25,7 @@ def params_to_matrix(params: jnp.ndarray, shape) -> jnp.ndarray:
     """12 parameters (9 linear deltas, 3 translations) -> 3x4 fixed-voxel-to-moving-voxel matrix."""
     linear = jnp.eye(3) + params[:9].reshape(3, 3)
     centre = (jnp.asarray(shape, jnp.float32) - 1.0) / 2.0
-    offset = centre - linear @ centre + TRANSLATION_SCALE * params[9:]
+    offset = centre - jnp.matmul(linear, centre, precision=HIGHEST) + TRANSLATION_SCALE * params[9:]
     return jnp.concatenate([linear, offset[:, None]], axis=1)
 
 
@@ -72,7 +72,7 @@ def affine_search(fixed: jnp.ndarray, moving: jnp.ndarray, config: AffineConfig,
 
         def loss_fn(p, points=points, moving_features=moving_features, fixed_features=fixed_features, factor=factor):
             matrix = params_to_matrix(p, shape)
-            mapped = jnp.einsum("ij,j...->i...", matrix[:, :3], points) + matrix[:, 3].reshape(3, 1, 1, 1)
+            mapped = jnp.einsum("ij,j...->i...", matrix[:, :3], points, precision=HIGHEST) + matrix[:, 3].reshape(3, 1, 1, 1)
             level_coords = (mapped - (factor - 1) / 2.0) / factor  # full-res voxel -> cell coordinates
             sampled = sample(moving_features, level_coords, "border")
             return _dissimilarity(sampled, fixed_features, similarity)

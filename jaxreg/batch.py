@@ -349,6 +349,7 @@ class BatchReport:
 # --------------------------------------------------------------------------------------------
 
 _device_executables: dict = {}
+_device_compile_lock = threading.Lock()
 
 
 def _register_on(device, fixed: np.ndarray, moving: np.ndarray, init: np.ndarray | None,
@@ -360,14 +361,15 @@ def _register_on(device, fixed: np.ndarray, moving: np.ndarray, init: np.ndarray
 
     key = (config, fixed.shape, init is not None, device.id)
     compile_seconds = 0.0
-    if key not in _device_executables:
-        start = time.perf_counter()
-        sharding = SingleDeviceSharding(device)
-        image = jax.ShapeDtypeStruct(fixed.shape, jnp.float32, sharding=sharding)
-        field_spec = jax.ShapeDtypeStruct((3,) + fixed.shape, jnp.float32, sharding=sharding)
-        _device_executables[key] = program.lower(image, image, field_spec if init is not None else None,
-                                                 config=config).compile()
-        compile_seconds = time.perf_counter() - start
+    with _device_compile_lock:  # threads sharing a device compile its program once
+        if key not in _device_executables:
+            start = time.perf_counter()
+            sharding = SingleDeviceSharding(device)
+            image = jax.ShapeDtypeStruct(fixed.shape, jnp.float32, sharding=sharding)
+            field_spec = jax.ShapeDtypeStruct((3,) + fixed.shape, jnp.float32, sharding=sharding)
+            _device_executables[key] = program.lower(image, image, field_spec if init is not None else None,
+                                                     config=config).compile()
+            compile_seconds = time.perf_counter() - start
     executable = _device_executables[key]
     start = time.perf_counter()
     inputs = [jax.device_put(a, device) if a is not None else None for a in (fixed, moving, init)]
@@ -561,7 +563,7 @@ def run_batch(pairs: Sequence[Pair], output_dir: str | os.PathLike, *, config: R
               init_fields: str | os.PathLike | None = None, evaluation: EvaluationConfig | None = None,
               guard: bool = True, devices: Sequence | None = None,
               progress: Callable[[Progress], None] | None = None,
-              executor: Executor | None = None) -> BatchReport:
+              executor: Executor | None = None, threads_per_device: int | None = None) -> BatchReport:
     """Register every pair into `output_dir`, resuming where an earlier run stopped.
 
     Arguments:
@@ -581,6 +583,10 @@ def run_batch(pairs: Sequence[Pair], output_dir: str | os.PathLike, *, config: R
         progress: called after each pair with a :class:`Progress`.
         executor: run the pairs to register through it (e.g. on a Ray cluster) instead of on
             `devices`; everything else (plan, resume, log, scoring) is unchanged.
+        threads_per_device: pairs in flight per device (default: 4 on a GPU/TPU, whose registration
+            takes a fraction of a second while reading the images and writing the field take
+            seconds of CPU, so the threads overlap file work with the device's; 1 on CPU, where
+            one registration already uses every core).
 
     Returns:
         The :class:`BatchReport`; ``report.exit_code`` is the number of failed pairs (max 125).
@@ -591,6 +597,8 @@ def run_batch(pairs: Sequence[Pair], output_dir: str | os.PathLike, *, config: R
         A problem of one pair never raises: the pair is reported failed and the others run.
     """
     start = time.perf_counter()
+    if threads_per_device is not None and threads_per_device < 1:
+        raise ConfigError(f"threads_per_device must be >= 1, got {threads_per_device}")
     pairs = list(pairs)
     if not pairs:
         raise ConfigError("no pairs to register: the pair list (or this shard of it) is empty.")
@@ -628,7 +636,10 @@ def run_batch(pairs: Sequence[Pair], output_dir: str | os.PathLike, *, config: R
         devices = [executor.name]
     else:
         devices = list(devices) if devices is not None else jax.local_devices()
-    slots = executor.workers if executor is not None else len(devices)
+    if threads_per_device is None:
+        threads_per_device = 1 if executor is not None or all(d.platform == "cpu" for d in devices) else 4
+    threads = [d for d in devices for _ in range(threads_per_device)] if executor is None else devices
+    slots = executor.workers if executor is not None else len(threads)
     several = len(devices) > 1
     to_run = sum(status == "run" for status, _ in planned.values())
     finished_earlier = sum(status == "skipped" for status, _ in planned.values())
@@ -686,7 +697,7 @@ def run_batch(pairs: Sequence[Pair], output_dir: str | os.PathLike, *, config: R
         for job in jobs:  # an executor that lost a task must not lose its log line
             if job.pair.key not in outcomes:
                 finish(job, PairOutcome(job.pair, "failed", error=f"{executor.name} did not run this pair"))
-    elif not several:
+    elif len(threads) == 1:
         for job in jobs:
             handle(job, devices[0])
     else:
@@ -702,8 +713,8 @@ def run_batch(pairs: Sequence[Pair], output_dir: str | os.PathLike, *, config: R
                     return
                 handle(job, device)
 
-        with ThreadPoolExecutor(max_workers=len(devices), thread_name_prefix="jaxreg-batch") as pool:
-            for future in [pool.submit(worker, d) for d in devices]:
+        with ThreadPoolExecutor(max_workers=len(threads), thread_name_prefix="jaxreg-batch") as pool:
+            for future in [pool.submit(worker, d) for d in threads]:
                 future.result()
 
     report_eval = None

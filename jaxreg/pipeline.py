@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from os import PathLike
@@ -99,6 +100,7 @@ def _program(fixed, moving, init_disp, *, config: RegistrationConfig):
 program = jax.jit(_program, static_argnames=("config",))
 
 _executables: dict = {}
+_compile_lock = threading.Lock()
 _cache_configured = False
 
 
@@ -126,13 +128,14 @@ def enable_persistent_cache() -> str | None:
 def _compile(key, jitted, *args, config: RegistrationConfig):
     """Compile `jitted` for these abstract arguments once per process (ahead of time, so compilation
     is timed apart). Returns (executable, compile_seconds; 0.0 when cached)."""
-    if key in _executables:
-        return _executables[key], 0.0
-    enable_persistent_cache()
-    start = time.perf_counter()
-    executable = jitted.lower(*args, config=config).compile()
-    _executables[key] = executable
-    return executable, time.perf_counter() - start
+    with _compile_lock:  # batch threads asking at once compile once
+        if key in _executables:
+            return _executables[key], 0.0
+        enable_persistent_cache()
+        start = time.perf_counter()
+        executable = jitted.lower(*args, config=config).compile()
+        _executables[key] = executable
+        return executable, time.perf_counter() - start
 
 
 def compiled_program(config: RegistrationConfig, shape: tuple[int, int, int], with_init: bool):

@@ -18,7 +18,7 @@ import optax
 
 from .config import RefineConfig
 from .filters import SPATIAL, box_filter, forward_difference
-from .warp import CORNERS, identity_grid, resize, trilinear_corners
+from .warp import CORNERS, HIGHEST, identity_grid, resize, trilinear_corners
 
 
 def _ssd_and_gradient(disp, moving, fixed):
@@ -39,8 +39,8 @@ def _ssd_and_gradient(disp, moving, fixed):
     samples = flat_moving.at[index].get(mode="promise_in_bounds")  # (x, y, z, 8, C)
     weights = [w for _, w, _ in corners]
     corner_weights = jnp.stack([w[0] * w[1] * w[2] for w in weights], axis=-1)
-    residual = jnp.einsum("xyzk,xyzkc->xyzc", corner_weights, samples) - fixed
-    dots = jnp.einsum("xyzc,xyzkc->xyzk", residual, samples)  # residual . corner sample
+    residual = jnp.einsum("xyzk,xyzkc->xyzc", corner_weights, samples, precision=HIGHEST) - fixed
+    dots = jnp.einsum("xyzc,xyzkc->xyzk", residual, samples, precision=HIGHEST)  # residual . corner sample
     gradient = []
     for k in range(3):
         slopes = []

