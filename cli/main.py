@@ -22,6 +22,7 @@ from . import benchmark as _benchmark  # noqa: E402,F401  (jaxreg benchmark)
 from . import batch as _batch  # noqa: E402,F401  (jaxreg batch)
 from . import qc as _qc  # noqa: E402,F401  (jaxreg qc)
 from . import prepare as _prepare  # noqa: E402,F401  (jaxreg prepare)
+from . import tune as _tune  # noqa: E402,F401  (jaxreg tune)
 # --- end of commands ----------------------------------------------------------------------
 
 
