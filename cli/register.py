@@ -11,7 +11,7 @@ import typer
 
 from .main import app
 
-PRESET_HELP = "Preset name (lumir, convexadam-lumir, fast) or path to a TOML config."
+PRESET_HELP = "Preset name (lumir, lumir-multimodal, convexadam-lumir, fast) or path to a TOML config."
 SET_HELP = "Override a config value, e.g. --set refine.iterations=100 (repeatable)."
 
 

@@ -105,8 +105,9 @@ class RefineConfig:
     and multiplied by this weight, as a 13th feature channel: an intensity SSD term next to MIND, for
     same-contrast pairs such as T1w to T1w (0 = ConvexAdam's MIND-only data term).
 
-    ``fold_weight`` > 0 adds ``fold_weight * mean(relu(0.1 - det(I + grad u))^2)`` on the refinement
-    grid: a penalty on (nearly) folding cells that lets a weaker diffusion weight stay fold-free.
+    ``fold_weight`` > 0 adds ``fold_weight * mean(relu(fold_margin - det(I + grad u))^2)`` on the
+    refinement grid: a penalty on (nearly) folding cells that lets a weaker diffusion weight stay
+    fold-free (the margin keeps cells away from det = 0, where trilinear upsampling can fold).
     """
 
     enabled: bool = True
@@ -117,6 +118,7 @@ class RefineConfig:
     smoothing_passes: int = 3
     intensity_weight: float = 0.0
     fold_weight: float = 0.0
+    fold_margin: float = 0.1
 
     def __post_init__(self):
         _check(self.grid_spacing >= 1, f"refine.grid_spacing must be >= 1, got {self.grid_spacing}")
@@ -126,6 +128,7 @@ class RefineConfig:
         _check(self.smoothing_passes >= 0, f"refine.smoothing_passes must be >= 0, got {self.smoothing_passes}")
         _check(self.intensity_weight >= 0, f"refine.intensity_weight must be >= 0, got {self.intensity_weight}")
         _check(self.fold_weight >= 0, f"refine.fold_weight must be >= 0, got {self.fold_weight}")
+        _check(0 <= self.fold_margin < 1, f"refine.fold_margin must be in [0, 1), got {self.fold_margin}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -112,7 +112,7 @@ def refine(fixed_cells: jnp.ndarray, moving_cells: jnp.ndarray, init_disp: jnp.n
         disp = smooth_grid(p, config.smoothing_passes)
         loss = warped_ssd(disp, moving_cells, fixed_cells) + config.diffusion_weight * diffusion_penalty(disp)
         if config.fold_weight > 0:
-            loss = loss + config.fold_weight * fold_penalty(disp)
+            loss = loss + config.fold_weight * fold_penalty(disp, config.fold_margin)
         return loss
 
     optimiser = optax.adam(config.learning_rate)

@@ -85,3 +85,11 @@ def test_fold_weight_removes_most_folds_of_a_weakly_regularised_refinement():
     assert _folds(disp_guarded) < 0.2 * _folds(disp_weak), (_folds(disp_weak), _folds(disp_guarded))
     # the guard costs little accuracy: within 15 % of the unguarded (folding) field
     assert _error(disp_guarded) < 1.15 * _error(disp_weak), (_error(disp_weak), _error(disp_guarded))
+
+
+def test_fold_margin_penalises_cells_whose_jacobian_falls_below_it():
+    from jaxreg.refine import fold_penalty
+    squeeze = np.zeros((3, 6, 6, 6), np.float32)
+    squeeze[0] = -0.8 * np.arange(6, dtype=np.float32)[:, None, None]  # det J = 1 - 0.8 = 0.2 everywhere
+    assert float(fold_penalty(jnp.asarray(squeeze), 0.1)) == 0.0  # 0.2 clears a margin of 0.1
+    np.testing.assert_allclose(float(fold_penalty(jnp.asarray(squeeze), 0.3)), 0.1 ** 2, rtol=1e-5)

@@ -90,4 +90,4 @@ def test_config_errors_list_valid_choices(args, expected, pair, tmp_path, capsys
 def test_presets_command_lists_all_presets(capsys):
     code, stdout, _ = _run(["presets"], capsys)
     assert code == 0
-    assert [line.split(":")[0] for line in stdout.splitlines()] == ["convexadam-lumir", "fast", "lumir"]
+    assert [line.split(":")[0] for line in stdout.splitlines()] == ["convexadam-lumir", "fast", "lumir", "lumir-multimodal"]
