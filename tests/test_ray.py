@@ -13,11 +13,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import jaxreg.cli.batch  # noqa: F401  registers `jaxreg batch` on the app
+import jaxreg.cli.main  # noqa: F401  builds the app with its commands
 from jaxreg import batch
-from jaxreg.cli.main import main
 
-from test_batch import FAST, make_dataset
+from test_batch import FAST, _log, _run, make_dataset
 
 TASK_TITLE = "ray::_run_task"  # the process title Ray gives a worker while it runs jaxreg.cluster._run_task
 
@@ -74,16 +73,6 @@ def _kill_first_running_task(killed: list, stop: threading.Event) -> None:
             killed.append(pid)
             return
         time.sleep(0.02)
-
-
-def _run(args, capsys):
-    code = main(["batch", *[str(a) for a in args]])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _log(out_dir):
-    return [json.loads(line) for line in (out_dir / batch.RUN_LOG).read_text().splitlines()]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds Ray workers through /proc")
