@@ -93,3 +93,11 @@ def test_fold_margin_penalises_cells_whose_jacobian_falls_below_it():
     squeeze[0] = -0.8 * np.arange(6, dtype=np.float32)[:, None, None]  # det J = 1 - 0.8 = 0.2 everywhere
     assert float(fold_penalty(jnp.asarray(squeeze), 0.1)) == 0.0  # 0.2 clears a margin of 0.1
     np.testing.assert_allclose(float(fold_penalty(jnp.asarray(squeeze), 0.3)), 0.1 ** 2, rtol=1e-5)
+
+
+def test_lumir_preset_recovers_a_known_deformation_better_than_the_baseline_without_folds():
+    from jaxreg.pipeline import register
+    baseline = register(FIXED, MOVING, preset="convexadam-lumir").disp
+    lumir = register(FIXED, MOVING, preset="lumir").disp
+    assert _error(lumir) < _error(baseline), (_error(baseline), _error(lumir))
+    assert ndv(lumir, FIXED > 0) == 0.0 and _folds(lumir) == 0
