@@ -30,9 +30,9 @@ def benchmark_command(
 ):
     """Print compile time, seconds per stage, seconds per pair and peak memory (figures, not a test)."""
     from jaxreg.benchmark import run_benchmark, run_scaling, run_throughput
-    from jaxreg.io import load_volume
     from jaxreg.config import load_config
     from jaxreg.demo import demo_pair
+    from jaxreg.io import load_volume
 
     if (fixed is None) != (moving is None):
         raise typer.BadParameter("give both FIXED and MOVING, or neither for the demo pair")
@@ -40,7 +40,9 @@ def benchmark_command(
         fixed, moving = demo_pair()
     config = load_config(preset, tuple(set_ or ()))
     counts = _counts(throughput) if throughput else ()
-    progress = lambda msg: typer.echo(f"... {msg}", err=True)  # noqa: E731
+    def progress(message: str) -> None:
+        typer.echo(f"... {message}", err=True)
+
     report = run_benchmark(fixed, moving, config, repeats=repeats, stages=stages, progress=progress)
     typer.echo(f"pair          {Path(fixed).name} <- {Path(moving).name}, shape {report.shape}, device {report.device}")
     typer.echo(f"preset        {report.preset}")
@@ -60,6 +62,7 @@ def benchmark_command(
     if counts or scaling:
         fixed_a, moving_a = load_volume(fixed, "fixed image")[0], load_volume(moving, "moving image")[0]
     if counts:
+        _check_memory_for(max(counts), report)
         rows = run_throughput(fixed_a, moving_a, config, counts, progress=progress)
         typer.echo("pairs at once   compile      time   pairs/s")
         for row in rows:
@@ -69,7 +72,7 @@ def benchmark_command(
         typer.echo("grid                voxels   pairs    total   s/pair")
         for row in rows:
             voxels = row.shape[0] * row.shape[1] * row.shape[2]
-            typer.echo(f"{str(row.shape):<18} {voxels / 1e6:5.2f} M {row.pairs:>7} {row.seconds:7.1f} s {row.seconds_per_pair:7.2f} s")
+            typer.echo(f"{row.shape!s:<18} {voxels / 1e6:5.2f} M {row.pairs:>7} {row.seconds:7.1f} s {row.seconds_per_pair:7.2f} s")
     if reference is not None:
         from jaxreg.reference import time_reference
 
@@ -79,6 +82,21 @@ def benchmark_command(
                    f"peak memory {ref.peak_memory_gb:.2f} GB"
                    + (f", device memory {ref.device_peak_gb:.2f} GB" if ref.device_peak_gb is not None else ""))
         typer.echo(f"speed-up      {min(ref.seconds) / best:.1f}x ({best:.2f} s vs {min(ref.seconds):.1f} s per pair)")
+
+
+def _check_memory_for(pairs: int, report) -> None:
+    """On CPU, B pairs at once need about B times one pair's memory: stop before the OOM killer does."""
+    import os
+
+    from jaxreg.errors import InputError
+
+    if not report.device.startswith("cpu") or pairs == 1:
+        return
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") / 2**30
+    needed = pairs * report.peak_memory_gb
+    if needed > available:
+        raise InputError(f"--throughput {pairs} needs about {needed:.0f} GB on CPU ({pairs} x {report.peak_memory_gb:.1f} GB) "
+                         f"but {available:.0f} GB are free: use smaller counts (on CPU one pair at a time is as fast).")
 
 
 def _counts(text: str) -> tuple[int, ...]:

@@ -73,3 +73,20 @@ def test_reference_timing_needs_an_environment_with_convexadam(tmp_path):
         time_reference(tmp_path / "no-python", "f.nii.gz", "m.nii.gz")
     with pytest.raises(InputError, match="pip install convexadam torch"):  # this environment has no convexadam
         time_reference(sys.executable, "f.nii.gz", "m.nii.gz")
+
+
+def test_throughput_beyond_the_free_memory_is_refused_in_one_line(tmp_path, capsys):
+    import jax
+    import pytest
+
+    from jaxreg.cli.main import main
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the memory guard is for CPU runs (the accelerator's allocator reports its own limit)")
+    fixed = brain()
+    for name, data in [("f", fixed), ("m", pull(fixed, smooth_field()))]:
+        nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / f"{name}.nii.gz")
+    code = main(["benchmark", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "--preset", "convexadam-lumir",
+                 "--set", "refine.iterations=30", "--repeats", "1", "--no-stages", "--throughput", "1000000"])
+    err = capsys.readouterr().err
+    assert code == 2 and "error: --throughput 1000000 needs about" in err and err.count("error") == 1
