@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Protocol
 
 import jax
-import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 
@@ -56,7 +55,7 @@ from .dataset import EvalPair, EvaluationConfig, Pair, load_evaluation_config, s
 from .errors import ConfigError, InputError, JaxregError
 from .evaluate import EvaluationReport, PairResult, evaluate_fields, summarize, write_json
 from .io import atomic_output, load_field, load_volume, save_field
-from .pipeline import RegistrationResult, check_pair, ncc, normalise, program, register
+from .pipeline import check_pair, ncc, normalise, run_program
 from .warp import warp
 
 log = logging.getLogger(__name__)
@@ -348,45 +347,6 @@ class BatchReport:
 # running one pair
 # --------------------------------------------------------------------------------------------
 
-_device_executables: dict = {}
-_device_compile_lock = threading.Lock()
-
-
-def _register_on(device, fixed: np.ndarray, moving: np.ndarray, init: np.ndarray | None,
-                 config: RegistrationConfig) -> RegistrationResult:
-    """:func:`jaxreg.pipeline.register` on one chosen device (several-device runs): the program
-    is compiled for that device once (``pipeline.compiled_program`` compiles for the default
-    device only) and the inputs are placed there with ``jax.device_put``."""
-    from jax.sharding import SingleDeviceSharding
-
-    key = (config, fixed.shape, init is not None, device.id)
-    compile_seconds = 0.0
-    with _device_compile_lock:  # threads sharing a device compile its program once
-        if key not in _device_executables:
-            start = time.perf_counter()
-            sharding = SingleDeviceSharding(device)
-            image = jax.ShapeDtypeStruct(fixed.shape, jnp.float32, sharding=sharding)
-            field_spec = jax.ShapeDtypeStruct((3,) + fixed.shape, jnp.float32, sharding=sharding)
-            _device_executables[key] = program.lower(image, image, field_spec if init is not None else None,
-                                                     config=config).compile()
-            compile_seconds = time.perf_counter() - start
-    executable = _device_executables[key]
-    start = time.perf_counter()
-    inputs = [jax.device_put(a, device) if a is not None else None for a in (fixed, moving, init)]
-    out = jax.device_get(jax.block_until_ready(executable(*inputs)))
-    seconds = time.perf_counter() - start
-    losses = np.asarray(out["refine_loss"])
-    summary = {  # the same keys as pipeline.register's summary
-        "preset": config.name, "seconds": seconds, "compile_seconds": compile_seconds,
-        "ncc_before": float(out["ncc_before"]), "ncc_after": float(out["ncc_after"]),
-        "refine_loss_first": float(losses[0]) if losses.size else None,
-        "refine_loss_last": float(losses[-1]) if losses.size else None,
-        "max_displacement_vox": float(np.abs(out["disp"]).max()),
-    }
-    return RegistrationResult(disp=np.asarray(out["disp"], np.float32), moved=np.asarray(out["moved"], np.float32),
-                              affine=np.asarray(out["affine"]), config=config, summary=summary)
-
-
 @jax.jit
 def _similarities(fixed, moving, start, result):
     """Global NCC of the fixed image with the moving image pulled through `start` and through
@@ -466,10 +426,8 @@ def _run_pair(job: _Job, config: RegistrationConfig, device, several_devices: bo
         moving, _ = load_volume(pair.moving, "moving image")
         check_pair(fixed, moving)
         init = load_field(job.init, fixed.shape, "starting field") if job.init is not None else None
-        if several_devices:
-            result = _register_on(device, fixed, moving, init, config)
-        else:
-            result = register(fixed, moving, config=config, init_disp=init)
+        # several devices: the program is compiled for this pair's device and the inputs placed there
+        result = run_program(config, fixed, moving, init, device if several_devices else None)
         disp, guard_info = result.disp, {}
         if init is not None and guard:
             disp, guard_info = _guarded(fixed, moving, init, result.disp, device)

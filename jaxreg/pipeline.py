@@ -18,6 +18,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import SingleDeviceSharding
 
 from .affine import affine_search
 from .coarse import coarse_search
@@ -138,11 +139,14 @@ def _compile(key, jitted, *args, config: RegistrationConfig):
         return executable, time.perf_counter() - start
 
 
-def compiled_program(config: RegistrationConfig, shape: tuple[int, int, int], with_init: bool):
-    """The compiled program for this config and grid. Returns (executable, compile_seconds)."""
-    image = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
-    init = jax.ShapeDtypeStruct((3,) + tuple(shape), jnp.float32) if with_init else None
-    return _compile((config, tuple(shape), with_init), program, image, image, init, config=config)
+def compiled_program(config: RegistrationConfig, shape: tuple[int, int, int], with_init: bool, device=None):
+    """The compiled program for this config and grid (on `device`, default: JAX's default device).
+    Returns (executable, compile_seconds)."""
+    sharding = None if device is None else SingleDeviceSharding(device)
+    image = jax.ShapeDtypeStruct(tuple(shape), jnp.float32, sharding=sharding)
+    init = jax.ShapeDtypeStruct((3,) + tuple(shape), jnp.float32, sharding=sharding) if with_init else None
+    key = (config, tuple(shape), with_init, None if device is None else device.id)
+    return _compile(key, program, image, image, init, config=config)
 
 
 def _batched_program(fixed, moving, *, config: RegistrationConfig):
@@ -231,10 +235,17 @@ def register(fixed, moving, *, preset: str | PathLike = "lumir", overrides=(),
             if init.shape != (3,) + fixed_a.shape:
                 raise InputError(f"initial field has shape {init.shape}: expected (3,)+{fixed_a.shape} or {fixed_a.shape}+(3,).")
             check_finite(init, "initial field")
-    executable, compile_seconds = compiled_program(config, fixed_a.shape, init is not None)
+    return run_program(config, fixed_a, moving_a, init)
+
+
+def run_program(config: RegistrationConfig, fixed: np.ndarray, moving: np.ndarray, init: np.ndarray | None,
+                device=None) -> RegistrationResult:
+    """Run the compiled program on checked arrays (on `device`, default: JAX's default device) and
+    gather the result and its summary."""
+    executable, compile_seconds = compiled_program(config, fixed.shape, init is not None, device)
     start = time.perf_counter()
-    out = executable(jnp.asarray(fixed_a), jnp.asarray(moving_a), None if init is None else jnp.asarray(init))
-    out = jax.device_get(jax.block_until_ready(out))
+    inputs = [None if a is None else jax.device_put(a, device) for a in (fixed, moving, init)]
+    out = jax.device_get(jax.block_until_ready(executable(*inputs)))
     seconds = time.perf_counter() - start
     losses = np.asarray(out["refine_loss"])
     summary = {
@@ -261,7 +272,8 @@ def register_files(fixed_path, moving_path, output, *, moved_output=None, warp_l
     nearest neighbour exactly as the LUMIR evaluator does. The summary gains ``ndv_percent`` (fixed
     image mask). Returns (result, {what: path written}).
     """
-    from .metrics import warp_labels as warp_nearest  # host-side, scipy; imported late to keep startup light
+    from .metrics import ndv  # host-side, scipy; imported late to keep startup light
+    from .metrics import warp_labels as warp_nearest
 
     fixed, fixed_vox2world = load_volume(fixed_path, "fixed image")
     moving, _ = load_volume(moving_path, "moving image")
@@ -273,8 +285,6 @@ def register_files(fixed_path, moving_path, output, *, moved_output=None, warp_l
             raise InputError(f"label map '{source}' is {labels.shape} but the moving image is {moving.shape}.")
         label_maps.append((labels, target))
     result = register(fixed, moving, preset=preset, overrides=overrides, config=config, init_disp=init_disp)
-    from .metrics import ndv
-
     result.summary["ndv_percent"] = float(ndv(result.disp, fixed > 0))  # LUMIR25 mask: fixed image > 0
     written = {"disp": save_field(result.disp, output, fixed_vox2world)}
     if moved_output is not None:
