@@ -16,7 +16,7 @@ import optax
 from .config import AffineConfig
 from .features import mind_ssc
 from .filters import avg_pool
-from .warp import HIGHEST, sample
+from .warp import HIGHEST, apply_affine, sample
 
 TRANSLATION_SCALE = 20.0  # voxels per unit of the translation parameters
 
@@ -72,8 +72,7 @@ def affine_search(fixed: jnp.ndarray, moving: jnp.ndarray, config: AffineConfig,
 
         def loss_fn(p, points=points, moving_features=moving_features, fixed_features=fixed_features, factor=factor):
             matrix = params_to_matrix(p, shape)
-            mapped = jnp.einsum("ij,j...->i...", matrix[:, :3], points, precision=HIGHEST) + matrix[:, 3].reshape(3, 1, 1, 1)
-            level_coords = (mapped - (factor - 1) / 2.0) / factor  # full-res voxel -> cell coordinates
+            level_coords = (apply_affine(matrix, points) - (factor - 1) / 2.0) / factor  # full-res voxel -> cell coordinates
             sampled = sample(moving_features, level_coords, "border")
             return _dissimilarity(sampled, fixed_features, similarity)
 

@@ -7,7 +7,6 @@ its own jitted function on the same inputs, which costs a little more than insid
 
 from __future__ import annotations
 
-import logging
 import resource
 import time
 from dataclasses import dataclass, field
@@ -23,8 +22,6 @@ from .io import load_volume
 from .pipeline import check_pair, compiled_batched_program, compiled_program, normalise
 from .refine import refine
 from .warp import resize
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -81,15 +78,15 @@ def device_peak_memory_gb() -> float | None:
     return None if peak is None else peak / 2**30
 
 
-def _timed(fn, *args, repeats: int = 1) -> float:
-    """Median wall time of `repeats` calls after one warm-up call (which compiles)."""
+def _timed(fn, *args, repeats: int = 1, reduce=np.median) -> float:
+    """Median (or `reduce`) of the wall times of `repeats` calls after one warm-up call (which compiles)."""
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return float(reduce(times))
 
 
 def run_benchmark(fixed_path, moving_path, config: RegistrationConfig, *, repeats: int = 2,
@@ -165,13 +162,7 @@ def run_throughput(fixed: np.ndarray, moving: np.ndarray, config: RegistrationCo
         f = jnp.broadcast_to(jnp.asarray(fixed), (pairs,) + fixed.shape)
         m = jnp.broadcast_to(jnp.asarray(moving), (pairs,) + moving.shape)
         f, m = jnp.array(f), jnp.array(m)  # own buffers, as real stacks would be
-        jax.block_until_ready(executable(f, m))
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            jax.block_until_ready(executable(f, m))
-            times.append(time.perf_counter() - start)
-        rows.append(ThroughputRow(pairs, compile_seconds, min(times)))
+        rows.append(ThroughputRow(pairs, compile_seconds, _timed(executable, f, m, repeats=repeats, reduce=min)))
         progress(f"{pairs} pair(s) at once: {rows[-1].seconds:.3f} s, {rows[-1].pairs_per_second:.2f} pairs/s")
     return rows
 

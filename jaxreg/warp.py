@@ -124,14 +124,18 @@ def rescale_field(disp: jnp.ndarray, out_shape) -> jnp.ndarray:
     return resize(disp, out_shape) * factors
 
 
+def apply_affine(matrix: jnp.ndarray, points: jnp.ndarray) -> jnp.ndarray:
+    """``matrix @ [p, 1]`` for points (3, ...) (matrix: 3x4, voxel to voxel)."""
+    offset = matrix[:, 3].reshape((3,) + (1,) * (points.ndim - 1))
+    return jnp.einsum("ij,j...->i...", matrix[:, :3], points, precision=HIGHEST) + offset
+
+
 def affine_coordinates(matrix: jnp.ndarray, shape) -> jnp.ndarray:
     """Coordinates (3, X, Y, Z) of ``matrix @ [x, 1]`` for every voxel x (matrix: 3x4, voxel to voxel)."""
-    grid = identity_grid(shape)
-    return jnp.einsum("ij,j...->i...", matrix[:, :3], grid, precision=HIGHEST) + matrix[:, 3].reshape(3, 1, 1, 1)
+    return apply_affine(matrix, identity_grid(shape))
 
 
 def compose_affine(matrix: jnp.ndarray, disp: jnp.ndarray) -> jnp.ndarray:
     """Total displacement of ``x -> A(x + disp(x))`` with A the 3x4 fixed-voxel-to-moving-voxel map."""
     points = identity_grid(disp.shape[1:]) + disp
-    moved = jnp.einsum("ij,j...->i...", matrix[:, :3], points, precision=HIGHEST) + matrix[:, 3].reshape(3, 1, 1, 1)
-    return moved - identity_grid(disp.shape[1:])
+    return apply_affine(matrix, points) - identity_grid(disp.shape[1:])
