@@ -212,6 +212,29 @@ def _as_list(values: np.ndarray) -> list:
     return [float(v) for v in values]
 
 
+def label_metrics(fixed_labels: np.ndarray, moving_labels: np.ndarray, disp: np.ndarray, config: EvaluationConfig,
+                  wanted) -> tuple[dict, dict]:
+    """Dice and/or HD95 (those in `wanted`) of the moving label map warped through `disp` (nearest
+    neighbour, as LUMIR), over the config's label lists. Returns (values, per-label details)."""
+    values: dict = {}
+    details: dict = {}
+    warped = metrics.warp_labels(moving_labels, disp)
+    if "dice" in wanted:
+        labels = _labels_for(config.dice_labels, fixed_labels, moving_labels)
+        per_label = metrics.dice(fixed_labels, warped, moving_labels, labels)
+        values["dice"] = metrics.nan_mean(per_label)
+        details["dice_labels"] = [int(v) for v in labels]
+        details["dice_per_label"] = _as_list(per_label)
+    if "hd95" in wanted:
+        labels = _labels_for(config.hd95_labels, fixed_labels, moving_labels)
+        per_label = metrics.hd95(fixed_labels, warped, moving_labels, labels)
+        values["hd95"] = metrics.nan_mean(per_label)
+        details["hd95_labels"] = [int(v) for v in labels]
+        details["hd95_per_label"] = _as_list(per_label)
+        details["hd95_vanished"] = [int(v) for v, h in zip(labels, per_label) if np.isposinf(h)]
+    return values, details
+
+
 def _score_pair(item: EvalPair, config: EvaluationConfig, fields_dir: Path, cache: _VolumeCache,
                 ndv_mask: str, keypoint_order: int) -> PairResult:
     pair = item.pair
@@ -230,21 +253,9 @@ def _score_pair(item: EvalPair, config: EvaluationConfig, fields_dir: Path, cach
     if "dice" in item.metrics or "hd95" in item.metrics:
         fixed_labels = cache.get("labels", item.fixed_labels, _load_label_map)
         moving_labels = cache.get("labels", item.moving_labels, _load_label_map)
-        warped = metrics.warp_labels(moving_labels, disp)
-        if "dice" in item.metrics:
-            labels = _labels_for(config.dice_labels, fixed_labels, moving_labels)
-            per_label = metrics.dice(fixed_labels, warped, moving_labels, labels)
-            values["dice"] = metrics.nan_mean(per_label)
-            details["dice_labels"] = [int(v) for v in labels]
-            details["dice_per_label"] = _as_list(per_label)
-        if "hd95" in item.metrics:
-            labels = _labels_for(config.hd95_labels, fixed_labels, moving_labels)
-            per_label = metrics.hd95(fixed_labels, warped, moving_labels, labels)
-            values["hd95"] = metrics.nan_mean(per_label)
-            details["hd95_labels"] = [int(v) for v in labels]
-            details["hd95_per_label"] = _as_list(per_label)
-            details["hd95_vanished"] = [int(v) for v, h in zip(labels, per_label) if np.isposinf(h)]
-        del warped
+        label_values, label_details = label_metrics(fixed_labels, moving_labels, disp, config, item.metrics)
+        values.update(label_values)
+        details.update(label_details)
     if "tre" in item.metrics:
         fixed_lm = cache.get("landmarks", item.fixed_landmarks, _load_landmarks)
         moving_lm = cache.get("landmarks", item.moving_landmarks, _load_landmarks)

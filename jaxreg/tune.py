@@ -31,7 +31,7 @@ from . import metrics
 from .config import RegistrationConfig, config_from_dict, config_to_dict, parse_override
 from .dataset import EvalPair, EvaluationConfig
 from .errors import ConfigError, InputError
-from .evaluate import _labels_for
+from .evaluate import label_metrics
 from .io import atomic_output, load_labels, load_volume
 from .pipeline import register
 
@@ -224,12 +224,7 @@ def fold_splits(pairs: Sequence[EvalPair], folds: int) -> list[Split]:
 def score_field(item: EvalPair, disp: np.ndarray, fixed: np.ndarray, fixed_labels: np.ndarray,
                 moving_labels: np.ndarray, evaluation: EvaluationConfig, metric: str) -> dict:
     """The evaluator's Dice (and HD95 if it is the metric) and NDV (fixed-image mask) of one field."""
-    warped = metrics.warp_labels(moving_labels, disp)
-    labels = _labels_for(evaluation.dice_labels, fixed_labels, moving_labels)
-    values = {"dice": metrics.nan_mean(metrics.dice(fixed_labels, warped, moving_labels, labels))}
-    if metric == "hd95":
-        labels = _labels_for(evaluation.hd95_labels, fixed_labels, moving_labels)
-        values["hd95"] = metrics.nan_mean(metrics.hd95(fixed_labels, warped, moving_labels, labels))
+    values, _ = label_metrics(fixed_labels, moving_labels, disp, evaluation, {"dice", metric})
     values["ndv"] = metrics.ndv(disp, metrics.image_mask(fixed))
     return values
 
