@@ -36,11 +36,8 @@ def tune_command(
     axes = parse_grid(grid, base)  # a bad key or value fails here, before anything is read
     if output.suffix != ".toml":
         raise typer.BadParameter(f"output '{output}' must end in .toml")
-    json_path = find_dataset_json(dataset)
-    if config_path is None and (json_path.parent / "evaluation_config.json").is_file():
-        config_path = json_path.parent / "evaluation_config.json"
     # the pairs and labels `jaxreg evaluate` would score; without a config, the JSON's validation pairs
-    evaluation = resolve_evaluation_config(json_path.parent, config_path) if config_path else resolve_evaluation_config(json_path)
+    evaluation = resolve_evaluation_config(find_dataset_json(dataset), config_path)
     result = tune(evaluation, base, axes, holdout=holdout, folds=folds, metric=metric,
                   max_ndv=None if max_ndv < 0 else max_ndv,
                   progress=lambda line: typer.echo(line, err=True))

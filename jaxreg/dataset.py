@@ -393,13 +393,15 @@ def default_evaluation_config(dataset: str | os.PathLike) -> EvaluationConfig:
 
 def resolve_evaluation_config(dataset_dir: str | os.PathLike,
                               config_path: str | os.PathLike | None = None) -> EvaluationConfig:
-    """The config ``jaxreg evaluate`` uses: `config_path` if given, else ``DATASET_DIR/evaluation_config.json``
-    if present, else :func:`default_evaluation_config`. ``source`` of the result says which."""
+    """The config ``jaxreg evaluate`` uses: `config_path` if given, else ``evaluation_config.json`` in
+    the dataset folder (`dataset_dir` may also be the dataset JSON) if present, else
+    :func:`default_evaluation_config`. ``source`` of the result says which."""
     dataset_dir = Path(dataset_dir)
+    folder = dataset_dir if dataset_dir.is_dir() else dataset_dir.parent
     if config_path is not None:
-        return load_evaluation_config(config_path, dataset_dir if dataset_dir.is_dir() else dataset_dir.parent)
-    if dataset_dir.is_dir() and (dataset_dir / _CONFIG_JSON).is_file():
-        return load_evaluation_config(dataset_dir / _CONFIG_JSON, dataset_dir)
+        return load_evaluation_config(config_path, folder)
+    if (folder / _CONFIG_JSON).is_file():
+        return load_evaluation_config(folder / _CONFIG_JSON, folder)
     config = default_evaluation_config(dataset_dir)
     logger.info("%s", config.source)
     return config
