@@ -29,6 +29,8 @@ def _print_summary(result, written: dict, ndv_percent: float | None) -> None:
     if ndv_percent is not None:
         typer.echo(f"NDV           {ndv_percent:.5f} % of the fixed brain mask (non-diffeomorphic volume)")
     typer.echo(f"max |u|       {s['max_displacement_vox']:.2f} voxels")
+    if result.config.unfold.rounds > 0:
+        typer.echo(f"fold repair   {s['unfold_rounds']} round(s), {s['folding_voxels']} folding voxel(s) left")
     for what, path in written.items():
         typer.echo(f"wrote {what:<8s} {path}")
 

@@ -132,6 +132,53 @@ class RefineConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class FineConfig:
+    """Full-resolution refinement on image intensities, after the feature refinement (same-contrast pairs).
+
+    The feature refinement works on a grid of ``refine.grid_spacing`` voxels; this level adds a
+    residual on the full voxel grid that aligns what that grid cannot resolve (cortical folds). With
+    ``r`` the residual smoothed by smoothing_passes 3^3 box filters and ``u`` = field so far + ``r``,
+    the loss is ``mean_voxels (intensity_weight * (M(x+u) - F))^2 + diffusion_weight * sum_axes
+    mean(grad r)^2 + fold_weight * mean(relu(fold_margin - det(I + grad u))^2)`` on [0, 1]-normalised
+    images: the diffusion penalty acts on the residual only, so the level adds detail without
+    relaxing the field it starts from.
+    Intensity SSD assumes both images share one contrast: keep it off for cross-contrast pairs.
+    """
+
+    enabled: bool = False
+    iterations: int = 30
+    learning_rate: float = 0.5
+    intensity_weight: float = 6.0
+    diffusion_weight: float = 1.6
+    smoothing_passes: int = 1
+    fold_weight: float = 10.0
+    fold_margin: float = 0.3
+
+    def __post_init__(self):
+        _check(self.iterations >= 0, f"fine.iterations must be >= 0, got {self.iterations}")
+        _check(self.learning_rate > 0, f"fine.learning_rate must be > 0, got {self.learning_rate}")
+        _check(self.intensity_weight > 0, f"fine.intensity_weight must be > 0, got {self.intensity_weight}")
+        _check(self.diffusion_weight >= 0, f"fine.diffusion_weight must be >= 0, got {self.diffusion_weight}")
+        _check(self.smoothing_passes >= 0, f"fine.smoothing_passes must be >= 0, got {self.smoothing_passes}")
+        _check(self.fold_weight >= 0, f"fine.fold_weight must be >= 0, got {self.fold_weight}")
+        _check(0 <= self.fold_margin < 1, f"fine.fold_margin must be in [0, 1), got {self.fold_margin}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class UnfoldConfig:
+    """Fold repair of the final field (:mod:`jaxreg.unfold`): at most ``rounds`` rounds of local 3^3
+    smoothing wherever one of LUMIR's ten digital Jacobians is negative, the fold mask grown by a
+    ``grow``^3 box first. ``rounds = 0`` turns it off (ConvexAdam has no such step)."""
+
+    rounds: int = 0
+    grow: int = 3
+
+    def __post_init__(self):
+        _check(self.rounds >= 0, f"unfold.rounds must be >= 0, got {self.rounds}")
+        _check(self.grow >= 1 and self.grow % 2 == 1, f"unfold.grow must be an odd number >= 1, got {self.grow}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class RegistrationConfig:
     """Everything that defines one registration program. ``name`` is informative only."""
 
@@ -140,9 +187,12 @@ class RegistrationConfig:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     coarse: CoarseConfig = field(default_factory=CoarseConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
+    fine: FineConfig = field(default_factory=FineConfig)
+    unfold: UnfoldConfig = field(default_factory=UnfoldConfig)
 
 
-STAGES = {"affine": AffineConfig, "features": FeatureConfig, "coarse": CoarseConfig, "refine": RefineConfig}
+STAGES = {"affine": AffineConfig, "features": FeatureConfig, "coarse": CoarseConfig, "refine": RefineConfig,
+          "fine": FineConfig, "unfold": UnfoldConfig}
 DEFAULT_PRESET = "lumir"
 
 

@@ -24,6 +24,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import InputError
+from .jacobians import det3, digital_jacobians
 
 logger = logging.getLogger(__name__)
 
@@ -586,16 +587,6 @@ def tre_keypoints(fixed_points: np.ndarray, moving_points: np.ndarray, disp: np.
 # field regularity: NDV (digital diffeomorphism) and SDlogJ
 # --------------------------------------------------------------------------------------------
 
-def _det3(r0, r1, r2):
-    """Determinant of the 3x3 matrix whose row a is the derivative along axis a of the 3 components.
-
-    Expanded along the first column in the official evaluator's order, so the rounding matches.
-    """
-    return (r0[0] * (r1[1] * r2[2] - r1[2] * r2[1])
-            - r1[0] * (r0[1] * r2[2] - r0[2] * r2[1])
-            + r2[0] * (r0[1] * r1[2] - r0[2] * r1[1]))
-
-
 def _slabs(n_rows: int, row_voxels: int):
     step = max(1, _SLAB_VOXELS // max(1, row_voxels))
     for start in range(0, n_rows, step):
@@ -614,28 +605,6 @@ def _transform_block(disp: np.ndarray, block: tuple[slice, slice, slice]) -> np.
         shape[axis] = part.stop - part.start
         phi[axis] += np.arange(part.start, part.stop, dtype=np.float64).reshape(shape)
     return phi
-
-
-def _digital_jacobians(phi: np.ndarray):
-    """The ten finite-difference Jacobian determinants of Liu et al.'s digital diffeomorphism.
-
-    `phi` holds rows i-1..i+1 around the voxels to evaluate (one extra voxel on every side); the
-    determinants come back for the inner block. Eight use one-sided differences, forward or
-    backward on each axis; two (J*1, J*2) use the face diagonals of the two tetrahedra that split
-    the cube differently. All ten equal 1, resp. 2 for J*, on the identity.
-    """
-    _, nx, ny, nz = phi.shape
-
-    def at(dx, dy, dz):  # phi shifted by (dx, dy, dz), on the inner block
-        return phi[:, 1 + dx:nx - 1 + dx, 1 + dy:ny - 1 + dy, 1 + dz:nz - 1 + dz]
-
-    centre = at(0, 0, 0)
-    forward = [at(1, 0, 0) - centre, at(0, 1, 0) - centre, at(0, 0, 1) - centre]
-    backward = [centre - at(-1, 0, 0), centre - at(0, -1, 0), centre - at(0, 0, -1)]
-    for dx, dy, dz in itertools.product((forward, backward), repeat=3):
-        yield _det3(dx[0], dy[1], dz[2])
-    yield _det3(at(-1, -1, 0) - centre, at(-1, 0, -1) - centre, at(0, -1, -1) - centre)  # J*1
-    yield _det3(at(1, 1, 0) - centre, at(0, 1, 1) - centre, at(1, 0, 1) - centre)  # J*2
 
 
 def non_diffeomorphic_volume_map(disp: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -679,7 +648,7 @@ def non_diffeomorphic_volume_map(disp: np.ndarray, mask: np.ndarray | None = Non
         phi = _transform_block(disp, (slice(rows.start - 1, rows.stop + 1), slice(ys.start - 1, ys.stop + 1),
                                       slice(zs.start - 1, zs.stop + 1)))
         slab = np.zeros((rows.stop - rows.start, ys.stop - ys.start, zs.stop - zs.start))
-        for jac in _digital_jacobians(phi):
+        for jac in digital_jacobians(phi):
             slab += np.maximum(-jac, 0.0)
         slab *= 0.5 / 6
         if mask is not None:
@@ -741,7 +710,7 @@ def sdlogj(disp: np.ndarray, mask: np.ndarray | None = None) -> float:
         rows = [central(axis) for axis in range(3)]
         for axis in range(3):
             rows[axis][axis] = rows[axis][axis] + 1.0
-        jac = _det3(*rows)
+        jac = det3(*rows)
         log_j[start:stop] = np.log(np.clip(jac + 3.0, 1e-9, 1e9))
     if mask is None:
         return float(log_j.std())

@@ -1,8 +1,9 @@
 """The registration program: one jitted function chaining the pure stages, and its host wrappers.
 
 Data flow: normalise -> (affine) -> MIND-SSC features -> coarse discrete search -> Adam refinement
--> upsample and compose with the affine into ONE voxel displacement on the fixed grid (LUMIR
-convention ``moved(x) = moving(x + disp(x))``, channel c along array axis c).
+-> upsample -> (full-resolution intensity level) -> compose with the affine into ONE voxel
+displacement on the fixed grid (LUMIR convention ``moved(x) = moving(x + disp(x))``, channel c along
+array axis c) -> (fold repair).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from .errors import InputError
 from .features import mind_ssc_pooled
 from .filters import avg_pool
 from .io import check_finite, load_field, load_labels, load_volume, save_field, save_volume
-from .refine import refine
+from .refine import refine, refine_fine
+from .unfold import unfold
 from .warp import affine_coordinates, compose_affine, resize, sample, warp, warp_field
 
 log = logging.getLogger(__name__)
@@ -85,14 +87,22 @@ def _program(fixed, moving, init_disp, *, config: RegistrationConfig):
             fixed_f = jnp.concatenate([fixed_f, weight * avg_pool(fixed_n, spacing)[None]])
             moving_f = jnp.concatenate([moving_f, weight * avg_pool(moving_aligned, spacing)[None]])
         disp, losses = refine(fixed_f, moving_f, disp, config.refine)
+    if config.fine.enabled and config.fine.iterations > 0:
+        disp, fine_losses = refine_fine(fixed_n, moving_aligned, disp, config.fine)
+        losses = jnp.concatenate([losses, fine_losses])
 
     total = compose_affine(matrix, disp) if config.affine.enabled else disp
+    unfold_rounds = folding_voxels = jnp.int32(0)
+    if config.unfold.rounds > 0:
+        total, unfold_rounds, folding_voxels = unfold(total, config.unfold)
     moved = warp(moving_n, total, "border")
     return {
         "disp": total,
         "affine": matrix,
         "moved": moved,
         "refine_loss": losses,
+        "unfold_rounds": unfold_rounds,
+        "folding_voxels": folding_voxels,
         "ncc_before": ncc(fixed_n, moving_n),
         "ncc_after": ncc(fixed_n, moved),
     }
@@ -257,6 +267,8 @@ def run_program(config: RegistrationConfig, fixed: np.ndarray, moving: np.ndarra
         "refine_loss_first": float(losses[0]) if losses.size else None,
         "refine_loss_last": float(losses[-1]) if losses.size else None,
         "max_displacement_vox": float(np.abs(out["disp"]).max()),
+        "unfold_rounds": int(out["unfold_rounds"]),
+        "folding_voxels": int(out["folding_voxels"]),
     }
     log.info("registered in %.1f s (+ %.1f s compilation)", seconds, compile_seconds)
     return RegistrationResult(disp=np.asarray(out["disp"], np.float32), moved=np.asarray(out["moved"], np.float32),

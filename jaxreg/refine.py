@@ -5,6 +5,8 @@ units. The displacement the loss sees is that grid smoothed by ``smoothing_passe
 box filters. Loss = feature SSD (summed over channels, averaged over cells) of the moving features
 pulled through the displacement + ``diffusion_weight`` * mean squared forward differences per axis.
 The iterations run inside ``lax.scan`` so the loss trace comes back with the result.
+:func:`refine_fine` adds a residual on the full voxel grid, with the intensities as the only feature
+and the diffusion penalty on the residual alone.
 
 The SSD term has a hand-written gradient (:func:`warped_ssd`): XLA's autodiff of a 12-channel
 gather scatters into the features, which costs several times more than the fused forward pass.
@@ -16,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from .config import RefineConfig
+from .config import FineConfig, RefineConfig
 from .filters import SPATIAL, box_filter, forward_difference
 from .warp import CORNERS, HIGHEST, identity_grid, resize, trilinear_corners
 
@@ -96,6 +98,20 @@ def fold_penalty(disp: jnp.ndarray, margin: float = 0.1) -> jnp.ndarray:
     return jnp.mean(jax.nn.relu(margin - det) ** 2)
 
 
+def _adam(loss_fn, params: jnp.ndarray, learning_rate: float, iterations: int):
+    """`iterations` Adam steps on `loss_fn` inside ``lax.scan``. Returns (params, loss trace)."""
+    optimiser = optax.adam(learning_rate)
+
+    def step(carry, _):
+        p, state = carry
+        loss, grad = jax.value_and_grad(loss_fn)(p)
+        updates, state = optimiser.update(grad, state, p)
+        return (optax.apply_updates(p, updates), state), loss
+
+    (params, _), losses = jax.lax.scan(step, (params, optimiser.init(params)), None, length=iterations)
+    return params, losses
+
+
 def refine(fixed_cells: jnp.ndarray, moving_cells: jnp.ndarray, init_disp: jnp.ndarray, config: RefineConfig):
     """Refine `init_disp` (3, X, Y, Z, full-resolution voxels). Returns (disp full-res, loss trace).
 
@@ -106,7 +122,6 @@ def refine(fixed_cells: jnp.ndarray, moving_cells: jnp.ndarray, init_disp: jnp.n
     fixed_cells = jnp.moveaxis(fixed_cells, 0, -1)
     moving_cells = jnp.moveaxis(moving_cells, 0, -1)
     cell_shape = fixed_cells.shape[:3]
-    params = resize(init_disp, cell_shape) / spacing
 
     def loss_fn(p):
         disp = smooth_grid(p, config.smoothing_passes)
@@ -115,14 +130,28 @@ def refine(fixed_cells: jnp.ndarray, moving_cells: jnp.ndarray, init_disp: jnp.n
             loss = loss + config.fold_weight * fold_penalty(disp, config.fold_margin)
         return loss
 
-    optimiser = optax.adam(config.learning_rate)
-
-    def step(carry, _):
-        p, state = carry
-        loss, grad = jax.value_and_grad(loss_fn)(p)
-        updates, state = optimiser.update(grad, state, p)
-        return (optax.apply_updates(p, updates), state), loss
-
-    (params, _), losses = jax.lax.scan(step, (params, optimiser.init(params)), None, length=config.iterations)
+    params, losses = _adam(loss_fn, resize(init_disp, cell_shape) / spacing, config.learning_rate, config.iterations)
     disp = smooth_grid(params, config.smoothing_passes) * spacing
     return resize(disp, full_shape), losses
+
+
+def refine_fine(fixed: jnp.ndarray, moving: jnp.ndarray, init_disp: jnp.ndarray, config: FineConfig):
+    """Full-resolution intensity level: `init_disp` plus a smoothed residual that Adam optimises.
+
+    The diffusion penalty acts on the residual only, so the level adds detail without relaxing the
+    feature level's field; the fold penalty acts on the sum. `fixed`, `moving`: (X, Y, Z) images
+    normalised to [0, 1]. Returns (disp, loss trace).
+    """
+    fixed = (config.intensity_weight * fixed)[..., None]
+    moving = (config.intensity_weight * moving)[..., None]
+
+    def loss_fn(residual):
+        residual = smooth_grid(residual, config.smoothing_passes)
+        disp = init_disp + residual
+        loss = warped_ssd(disp, moving, fixed) + config.diffusion_weight * diffusion_penalty(residual)
+        if config.fold_weight > 0:
+            loss = loss + config.fold_weight * fold_penalty(disp, config.fold_margin)
+        return loss
+
+    residual, losses = _adam(loss_fn, jnp.zeros_like(init_disp), config.learning_rate, config.iterations)
+    return init_disp + smooth_grid(residual, config.smoothing_passes), losses

@@ -46,6 +46,15 @@ def test_register_writes_field_moved_and_labels(pair, tmp_path, capsys):
     assert (tmp_path / "moved.nii.gz").exists() and (tmp_path / "s.json").exists()
 
 
+def test_register_reports_the_fold_repair_when_the_preset_runs_it(pair, tmp_path, capsys):
+    code, stdout, _ = _run(["register", pair["fixed"], pair["moving"], "-o", tmp_path / "disp.nii.gz",
+                            *FAST, "--set", "unfold.rounds=5"], capsys)
+    assert code == 0
+    assert "folding voxel(s) left" in stdout
+    assert "fold repair" not in _run(["register", pair["fixed"], pair["moving"], "-o", tmp_path / "d2.nii.gz", *FAST],
+                                     capsys)[1]
+
+
 @pytest.mark.parametrize("problem", ["missing", "not_nifti", "corrupt", "four_d", "mismatch", "nan"])
 def test_bad_input_one_line_error_nonzero_exit_no_output(problem, pair, tmp_path, capsys):
     moving = pair["moving"]

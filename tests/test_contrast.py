@@ -49,6 +49,8 @@ def test_multimodal_preset_is_lumir_without_intensity_channel():
     assert multimodal.refine.intensity_weight == 0 and lumir.refine.intensity_weight > 0
     assert multimodal.refine == load_config("lumir", ["refine.intensity_weight=0"]).refine
     assert (multimodal.coarse, multimodal.features) == (lumir.coarse, lumir.features)
+    assert lumir.fine.enabled and not multimodal.fine.enabled  # intensity SSD at full resolution: same contrast only
+    assert multimodal.unfold == lumir.unfold
 
 
 def test_multimodal_preset_recovers_a_known_deformation_across_contrasts():
