@@ -19,8 +19,9 @@ from .coarse import coarse_search
 from .config import RegistrationConfig
 from .features import mind_ssc_pooled
 from .io import load_volume
-from .pipeline import check_pair, compiled_batched_program, compiled_program, normalise
-from .refine import refine
+from .pipeline import check_pair, compiled_batched_program, compiled_program, normalise, refinement_features
+from .refine import refine, refine_fine
+from .unfold import unfold
 from .warp import resize
 
 
@@ -122,16 +123,25 @@ def run_benchmark(fixed_path, moving_path, config: RegistrationConfig, *, repeat
         coarse = jax.jit(lambda a, b: resize(coarse_search(a, b, config.coarse), fixed.shape))
         report.stages["coarse search (+ upsample)"] = _timed(coarse, fixed_cells, moving_cells)
         disp = coarse(fixed_cells, moving_cells)
-    if config.refine.enabled and config.refine.iterations > 0 and config.refine.grid_spacing == spacing:
+    if config.refine.enabled and config.refine.iterations > 0:
+        fixed_f, moving_f = (jax.jit(lambda x: refinement_features(x, config))(x) for x in (fn, mn))
         refiner = jax.jit(lambda a, b, d: refine(a, b, d, config.refine)[0])
-        seconds = _timed(refiner, fixed_cells, moving_cells, disp)
+        seconds = _timed(refiner, fixed_f, moving_f, disp)
         report.stages[f"refinement ({config.refine.iterations} Adam steps)"] = seconds
+        disp = refiner(fixed_f, moving_f, disp)
         progress("measuring memory bandwidth")
         report.bandwidth_gbps = memory_bandwidth_gbps()
-        cells = int(np.prod(fixed_cells.shape[1:]))
-        step_bytes = refine_step_bytes(cells, fixed_cells.shape[0])
+        cells = int(np.prod(fixed_f.shape[1:]))
+        step_bytes = refine_step_bytes(cells, fixed_f.shape[0])
         report.refine_floor_seconds = config.refine.iterations * step_bytes / (report.bandwidth_gbps * 1e9)
         report.refine_seconds = seconds
+    if config.fine.enabled and config.fine.iterations > 0:
+        fine = jax.jit(lambda a, b, d: refine_fine(a, b, d, config.fine)[0])
+        report.stages[f"full-resolution level ({config.fine.iterations} Adam steps)"] = _timed(fine, fn, mn, disp)
+        disp = fine(fn, mn, disp)
+    if config.unfold.rounds > 0:
+        repair = jax.jit(lambda d: unfold(d, config.unfold)[0])
+        report.stages["fold repair"] = _timed(repair, disp)
     return report
 
 

@@ -52,6 +52,17 @@ def ncc(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
     return jnp.sum(a * b) / jnp.maximum(jnp.sqrt(jnp.sum(a * a) * jnp.sum(b * b)), 1e-12)
 
 
+def refinement_features(image: jnp.ndarray, config: RegistrationConfig) -> jnp.ndarray:
+    """(C, x, y, z) features the refinement matches: MIND-SSC pooled by ``refine.grid_spacing``, plus
+    the pooled image times ``refine.intensity_weight`` as one more channel when that is > 0 (an
+    intensity SSD term next to MIND, for same-contrast pairs)."""
+    spacing = config.refine.grid_spacing
+    stack = mind_ssc_pooled(image, config.features.radius, config.features.dilation, spacing)
+    if config.refine.intensity_weight > 0:
+        stack = jnp.concatenate([stack, config.refine.intensity_weight * avg_pool(image, spacing)[None]])
+    return stack
+
+
 def _program(fixed, moving, init_disp, *, config: RegistrationConfig):
     """The whole registration as one traced function. Returns a dict of arrays."""
     shape = fixed.shape
@@ -80,12 +91,8 @@ def _program(fixed, moving, init_disp, *, config: RegistrationConfig):
         disp = step if init_disp is None else step + warp_field(disp, step, "border")
     losses = jnp.zeros((0,), jnp.float32)
     if config.refine.enabled and config.refine.iterations > 0:
-        spacing = config.refine.grid_spacing  # same factor as the coarse stage: XLA computes it once
-        fixed_f, moving_f = features(fixed_n, spacing), features(moving_aligned, spacing)
-        if config.refine.intensity_weight > 0:  # intensity SSD channel next to MIND (same-contrast pairs)
-            weight = config.refine.intensity_weight
-            fixed_f = jnp.concatenate([fixed_f, weight * avg_pool(fixed_n, spacing)[None]])
-            moving_f = jnp.concatenate([moving_f, weight * avg_pool(moving_aligned, spacing)[None]])
+        # same pooling factor as the coarse stage: XLA computes the MIND-SSC features once
+        fixed_f, moving_f = (refinement_features(image, config) for image in (fixed_n, moving_aligned))
         disp, losses = refine(fixed_f, moving_f, disp, config.refine)
     if config.fine.enabled and config.fine.iterations > 0:
         disp, fine_losses = refine_fine(fixed_n, moving_aligned, disp, config.fine)
