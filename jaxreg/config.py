@@ -37,6 +37,16 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _check_adam_level(stage: str, level) -> None:
+    """The settings an Adam level (``refine``, ``fine``) shares: steps, rate, regularisation weights."""
+    _check(level.iterations >= 0, f"{stage}.iterations must be >= 0, got {level.iterations}")
+    _check(level.learning_rate > 0, f"{stage}.learning_rate must be > 0, got {level.learning_rate}")
+    _check(level.diffusion_weight >= 0, f"{stage}.diffusion_weight must be >= 0, got {level.diffusion_weight}")
+    _check(level.smoothing_passes >= 0, f"{stage}.smoothing_passes must be >= 0, got {level.smoothing_passes}")
+    _check(level.fold_weight >= 0, f"{stage}.fold_weight must be >= 0, got {level.fold_weight}")
+    _check(0 <= level.fold_margin < 1, f"{stage}.fold_margin must be in [0, 1), got {level.fold_margin}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class AffineConfig:
     """12-DOF affine initialisation by gradient descent on a coarse image pyramid.
@@ -122,13 +132,8 @@ class RefineConfig:
 
     def __post_init__(self):
         _check(self.grid_spacing >= 1, f"refine.grid_spacing must be >= 1, got {self.grid_spacing}")
-        _check(self.iterations >= 0, f"refine.iterations must be >= 0, got {self.iterations}")
-        _check(self.learning_rate > 0, f"refine.learning_rate must be > 0, got {self.learning_rate}")
-        _check(self.diffusion_weight >= 0, f"refine.diffusion_weight must be >= 0, got {self.diffusion_weight}")
-        _check(self.smoothing_passes >= 0, f"refine.smoothing_passes must be >= 0, got {self.smoothing_passes}")
         _check(self.intensity_weight >= 0, f"refine.intensity_weight must be >= 0, got {self.intensity_weight}")
-        _check(self.fold_weight >= 0, f"refine.fold_weight must be >= 0, got {self.fold_weight}")
-        _check(0 <= self.fold_margin < 1, f"refine.fold_margin must be in [0, 1), got {self.fold_margin}")
+        _check_adam_level("refine", self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,19 +154,14 @@ class FineConfig:
     iterations: int = 30
     learning_rate: float = 0.5
     intensity_weight: float = 6.0
-    diffusion_weight: float = 1.6
+    diffusion_weight: float = 0.8
     smoothing_passes: int = 1
     fold_weight: float = 10.0
     fold_margin: float = 0.3
 
     def __post_init__(self):
-        _check(self.iterations >= 0, f"fine.iterations must be >= 0, got {self.iterations}")
-        _check(self.learning_rate > 0, f"fine.learning_rate must be > 0, got {self.learning_rate}")
         _check(self.intensity_weight > 0, f"fine.intensity_weight must be > 0, got {self.intensity_weight}")
-        _check(self.diffusion_weight >= 0, f"fine.diffusion_weight must be >= 0, got {self.diffusion_weight}")
-        _check(self.smoothing_passes >= 0, f"fine.smoothing_passes must be >= 0, got {self.smoothing_passes}")
-        _check(self.fold_weight >= 0, f"fine.fold_weight must be >= 0, got {self.fold_weight}")
-        _check(0 <= self.fold_margin < 1, f"fine.fold_margin must be in [0, 1), got {self.fold_margin}")
+        _check_adam_level("fine", self)
 
 
 @dataclass(frozen=True, kw_only=True)
