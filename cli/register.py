@@ -29,6 +29,13 @@ def _print_summary(result, written: dict, ndv_percent: float | None) -> None:
     if ndv_percent is not None:
         typer.echo(f"NDV           {ndv_percent:.5f} % of the fixed brain mask (non-diffeomorphic volume)")
     typer.echo(f"max |u|       {s['max_displacement_vox']:.2f} voxels")
+    if s["contrast_ncc"] is not None:
+        verdict = "used" if s["intensity_terms_used"] else "not used"
+        line = (f"intensity     {verdict}: brain NCC {s['contrast_ncc']:.2f} after the coarse search "
+                f"(used from {result.config.refine.intensity_min_ncc:g})")
+        if not s["intensity_terms_used"]:
+            line += "; the contrasts differ, so only MIND-SSC drove the refinement"
+        typer.echo(line)
     if result.config.unfold.rounds > 0:
         typer.echo(f"fold repair   {s['unfold_rounds']} round(s), {s['folding_voxels']} folding voxel(s) left")
     for what, path in written.items():

@@ -114,6 +114,11 @@ class RefineConfig:
     ``intensity_weight`` > 0 adds the [0, 1]-normalised image, average-pooled to the refinement grid
     and multiplied by this weight, as a 13th feature channel: an intensity SSD term next to MIND, for
     same-contrast pairs such as T1w to T1w (0 = ConvexAdam's MIND-only data term).
+    ``intensity_min_ncc`` guards it: the intensity terms (this channel and the ``fine`` level) are used
+    only when, after the coarse search (MIND-SSC, blind to contrast), the fixed and moved images
+    correlate inside the fixed brain (NCC over ``fixed > 0``) by at least this much. Same-contrast T1
+    pairs score about 0.5 even before registration, a T2w- or FLAIR-like moving image below 0, where
+    intensity SSD would pull the field apart. -1 = always use them.
 
     ``fold_weight`` > 0 adds ``fold_weight * mean(relu(fold_margin - det(I + grad u))^2)`` on the
     refinement grid: a penalty on (nearly) folding cells that lets a weaker diffusion weight stay
@@ -127,12 +132,15 @@ class RefineConfig:
     diffusion_weight: float = 1.6
     smoothing_passes: int = 3
     intensity_weight: float = 0.0
+    intensity_min_ncc: float = -1.0
     fold_weight: float = 0.0
     fold_margin: float = 0.1
 
     def __post_init__(self):
         _check(self.grid_spacing >= 1, f"refine.grid_spacing must be >= 1, got {self.grid_spacing}")
         _check(self.intensity_weight >= 0, f"refine.intensity_weight must be >= 0, got {self.intensity_weight}")
+        _check(-1 <= self.intensity_min_ncc <= 1,
+               f"refine.intensity_min_ncc must be in [-1, 1], got {self.intensity_min_ncc}")
         _check_adam_level("refine", self)
 
 
@@ -147,7 +155,8 @@ class FineConfig:
     mean(grad r)^2 + fold_weight * mean(relu(fold_margin - det(I + grad u))^2)`` on [0, 1]-normalised
     images: the diffusion penalty acts on the residual only, so the level adds detail without
     relaxing the field it starts from.
-    Intensity SSD assumes both images share one contrast: keep it off for cross-contrast pairs.
+    Intensity SSD assumes both images share one contrast: the level obeys ``refine.intensity_min_ncc``
+    as the intensity channel does.
     """
 
     enabled: bool = False

@@ -45,22 +45,36 @@ def normalise(image: jnp.ndarray) -> jnp.ndarray:
     return (image - low) / jnp.maximum(high - low, 1e-6)
 
 
-def ncc(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
-    """Global normalised cross-correlation, a readable similarity for summaries (1 = identical)."""
-    a = a - a.mean()
-    b = b - b.mean()
+def ncc(a: jnp.ndarray, b: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.ndarray:
+    """Normalised cross-correlation (1 = identical up to a linear intensity map), over `mask` if given."""
+    weight = jnp.ones_like(a) if mask is None else mask.astype(a.dtype)
+    count = jnp.maximum(jnp.sum(weight), 1.0)
+    a = (a - jnp.sum(a * weight) / count) * weight
+    b = (b - jnp.sum(b * weight) / count) * weight
     return jnp.sum(a * b) / jnp.maximum(jnp.sqrt(jnp.sum(a * a) * jnp.sum(b * b)), 1e-12)
 
 
-def refinement_features(image: jnp.ndarray, config: RegistrationConfig) -> jnp.ndarray:
+def refinement_features(image: jnp.ndarray, config: RegistrationConfig, use_intensity=True) -> jnp.ndarray:
     """(C, x, y, z) features the refinement matches: MIND-SSC pooled by ``refine.grid_spacing``, plus
     the pooled image times ``refine.intensity_weight`` as one more channel when that is > 0 (an
-    intensity SSD term next to MIND, for same-contrast pairs)."""
+    intensity SSD term next to MIND, for same-contrast pairs; all zeros where `use_intensity` is False,
+    so the same program serves pairs whose contrasts differ)."""
     spacing = config.refine.grid_spacing
     stack = mind_ssc_pooled(image, config.features.radius, config.features.dilation, spacing)
     if config.refine.intensity_weight > 0:
-        stack = jnp.concatenate([stack, config.refine.intensity_weight * avg_pool(image, spacing)[None]])
+        weight = jnp.where(use_intensity, config.refine.intensity_weight, 0.0)
+        stack = jnp.concatenate([stack, weight * avg_pool(image, spacing)[None]])
     return stack
+
+
+def contrasts_agree(fixed_n: jnp.ndarray, moving_n: jnp.ndarray, disp: jnp.ndarray, config: RegistrationConfig):
+    """(brain NCC of fixed and moved, whether the intensity terms may be used): see
+    ``RefineConfig.intensity_min_ncc``. The NCC is NaN when the preset has no guard."""
+    uses_intensity = config.refine.intensity_weight > 0 or config.fine.enabled
+    if not uses_intensity or config.refine.intensity_min_ncc <= -1:
+        return jnp.float32(jnp.nan), jnp.bool_(True)
+    agreement = ncc(fixed_n, warp(moving_n, disp), fixed_n > 0)
+    return agreement, agreement >= config.refine.intensity_min_ncc
 
 
 def _program(fixed, moving, init_disp, *, config: RegistrationConfig):
@@ -89,14 +103,16 @@ def _program(fixed, moving, init_disp, *, config: RegistrationConfig):
         step = resize(step, shape)
         # new field: first the coarse step, then the starting field: x -> x + s(x) + d(x + s(x))
         disp = step if init_disp is None else step + warp_field(disp, step, "border")
+    # intensity terms only when the contrasts agree, judged after the contrast-blind coarse search
+    contrast_ncc, use_intensity = contrasts_agree(fixed_n, moving_aligned, disp, config)
     losses = jnp.zeros((0,), jnp.float32)
     if config.refine.enabled and config.refine.iterations > 0:
         # same pooling factor as the coarse stage: XLA computes the MIND-SSC features once
-        fixed_f, moving_f = (refinement_features(image, config) for image in (fixed_n, moving_aligned))
+        fixed_f, moving_f = (refinement_features(image, config, use_intensity) for image in (fixed_n, moving_aligned))
         disp, losses = refine(fixed_f, moving_f, disp, config.refine)
     if config.fine.enabled and config.fine.iterations > 0:
-        disp, fine_losses = refine_fine(fixed_n, moving_aligned, disp, config.fine)
-        losses = jnp.concatenate([losses, fine_losses])
+        disp = jax.lax.cond(use_intensity, lambda d: refine_fine(fixed_n, moving_aligned, d, config.fine)[0],
+                            lambda d: d, disp)
 
     total = compose_affine(matrix, disp) if config.affine.enabled else disp
     unfold_rounds = folding_voxels = jnp.int32(0)
@@ -108,6 +124,8 @@ def _program(fixed, moving, init_disp, *, config: RegistrationConfig):
         "affine": matrix,
         "moved": moved,
         "refine_loss": losses,
+        "contrast_ncc": contrast_ncc,
+        "intensity_used": use_intensity,
         "unfold_rounds": unfold_rounds,
         "folding_voxels": folding_voxels,
         "ncc_before": ncc(fixed_n, moving_n),
@@ -274,6 +292,8 @@ def run_program(config: RegistrationConfig, fixed: np.ndarray, moving: np.ndarra
         "refine_loss_first": float(losses[0]) if losses.size else None,
         "refine_loss_last": float(losses[-1]) if losses.size else None,
         "max_displacement_vox": float(np.abs(out["disp"]).max()),
+        "contrast_ncc": None if np.isnan(out["contrast_ncc"]) else float(out["contrast_ncc"]),
+        "intensity_terms_used": bool(out["intensity_used"]),
         "unfold_rounds": int(out["unfold_rounds"]),
         "folding_voxels": int(out["folding_voxels"]),
     }
