@@ -44,6 +44,8 @@ def _progress_line(event, header: str) -> str:
             text += f" (+{o.compile_seconds:.1f} s compilation)"
         if o.guard.get("kept_start"):
             text += "  kept the start (refinement matched worse)"
+        if o.contrast.get("intensity_used") is False:
+            text += f"  MIND-SSC only (contrasts differ: brain NCC {o.contrast['contrast_ncc']:.2f})"
     if "dice" in o.metrics:
         text += f"  Dice {o.metrics['dice']:.4f}"
     return text + (f"  ETA {_duration(event.eta_seconds)}" if event.eta_seconds is not None else "")

@@ -279,7 +279,8 @@ class PairOutcome:
         error: one line when failed. metrics: evaluation values when scored.
         device: the JAX device that ran it. guard: ``start_ncc``, ``ncc`` (global NCC through the
             start and through the refined field, higher is better) and ``kept_start``, when a
-            starting field was refined with the guard on.
+            starting field was refined with the guard on. contrast: ``contrast_ncc`` and
+            ``intensity_used`` when the preset guards its intensity terms (``refine.intensity_min_ncc``).
     """
 
     pair: Pair
@@ -291,12 +292,13 @@ class PairOutcome:
     metrics: dict = field(default_factory=dict)
     device: str = ""
     guard: dict = field(default_factory=dict)
+    contrast: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"pair": self.pair.key, "fixed": str(self.pair.fixed), "moving": str(self.pair.moving),
                 "field": self.pair.field_name, "status": self.status, "seconds": round(self.seconds, 3),
                 "compile_seconds": round(self.compile_seconds, 3), "wall_seconds": round(self.wall_seconds, 3),
-                "error": self.error, "metrics": self.metrics, "device": self.device, **self.guard}
+                "error": self.error, "metrics": self.metrics, "device": self.device, **self.guard, **self.contrast}
 
 
 @dataclass(frozen=True)
@@ -438,8 +440,11 @@ def _run_pair(job: _Job, config: RegistrationConfig, device, several_devices: bo
         log.debug("pair %s failed", pair.label, exc_info=True)
         return PairOutcome(pair, "failed", error=f"{type(err).__name__}: {_one_line(err)}",
                            wall_seconds=time.perf_counter() - start, device=str(device))
+    contrast = ({} if result.summary["contrast_ncc"] is None else
+                {"contrast_ncc": round(result.summary["contrast_ncc"], 4),
+                 "intensity_used": result.summary["intensity_terms_used"]})
     return PairOutcome(pair, "ok", seconds=result.summary["seconds"], compile_seconds=result.summary["compile_seconds"],
-                       wall_seconds=time.perf_counter() - start, device=str(device), guard=guard_info)
+                       wall_seconds=time.perf_counter() - start, device=str(device), guard=guard_info, contrast=contrast)
 
 
 # --------------------------------------------------------------------------------------------

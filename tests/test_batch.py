@@ -96,6 +96,17 @@ def test_every_field_written_scored_and_logged(dataset, tmp_path, capsys):
     assert report["pairs_scored"] == 4
 
 
+def test_the_run_log_and_progress_say_when_the_intensity_terms_were_left_out(dataset, tmp_path, capsys):
+    # an impossible threshold: every pair counts as "contrasts differ"
+    guarded = [*FAST, "--set", "refine.intensity_weight=1", "--set", "refine.intensity_min_ncc=1"]
+    code, _, stderr = _run([dataset, "-o", tmp_path / "out", *guarded], capsys)
+    assert code == 0, stderr
+    lines = _log(tmp_path / "out")
+    assert all(line["intensity_used"] is False and -1 <= line["contrast_ncc"] <= 1 for line in lines)
+    progress = [line for line in stderr.splitlines() if line.startswith("[")]
+    assert len(progress) == 4 and all("MIND-SSC only (contrasts differ" in line for line in progress)
+
+
 def test_rerun_skips_finished_pairs_and_refuses_another_config(dataset, tmp_path, capsys):
     out = tmp_path / "out"
     assert _run([dataset, "-o", out, *FAST], capsys)[0] == 0
