@@ -36,18 +36,15 @@ def unfold(disp: jnp.ndarray, config: UnfoldConfig) -> tuple[jnp.ndarray, jnp.nd
     3^3 box average (border replicated); the loop ends when no voxel folds or after ``config.rounds``.
     """
 
-    def folding_voxels(field):
-        return jnp.sum(fold_mask(field), dtype=jnp.int32)
-
     def keep_going(state):
-        _, rounds, left = state
-        return (rounds < config.rounds) & (left > 0)
+        _, rounds, folded = state
+        return (rounds < config.rounds) & jnp.any(folded)
 
     def one_round(state):
-        field, rounds, _ = state
-        near = box_filter(fold_mask(field).astype(jnp.float32), config.grow) > 0
+        field, rounds, folded = state
+        near = box_filter(folded.astype(jnp.float32), config.grow) > 0
         field = jnp.where(near[None], box_filter(field, 3, mode="edge"), field)
-        return field, rounds + 1, folding_voxels(field)
+        return field, rounds + 1, fold_mask(field)  # the mask travels to the next round: computed once
 
-    start = (disp, jnp.int32(0), folding_voxels(disp))
-    return jax.lax.while_loop(keep_going, one_round, start)
+    field, rounds, folded = jax.lax.while_loop(keep_going, one_round, (disp, jnp.int32(0), fold_mask(disp)))
+    return field, rounds, jnp.sum(folded, dtype=jnp.int32)
