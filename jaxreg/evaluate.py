@@ -219,19 +219,17 @@ def label_metrics(fixed_labels: np.ndarray, moving_labels: np.ndarray, disp: np.
     values: dict = {}
     details: dict = {}
     warped = metrics.warp_labels(moving_labels, disp)
-    if "dice" in wanted:
-        labels = _labels_for(config.dice_labels, fixed_labels, moving_labels)
-        per_label = metrics.dice(fixed_labels, warped, moving_labels, labels)
-        values["dice"] = metrics.nan_mean(per_label)
-        details["dice_labels"] = [int(v) for v in labels]
-        details["dice_per_label"] = _as_list(per_label)
-    if "hd95" in wanted:
-        labels = _labels_for(config.hd95_labels, fixed_labels, moving_labels)
-        per_label = metrics.hd95(fixed_labels, warped, moving_labels, labels)
-        values["hd95"] = metrics.nan_mean(per_label)
-        details["hd95_labels"] = [int(v) for v in labels]
-        details["hd95_per_label"] = _as_list(per_label)
-        details["hd95_vanished"] = [int(v) for v, h in zip(labels, per_label) if np.isposinf(h)]
+    for name, score, label_list in (("dice", metrics.dice, config.dice_labels),
+                                    ("hd95", metrics.hd95, config.hd95_labels)):
+        if name not in wanted:
+            continue
+        labels = _labels_for(label_list, fixed_labels, moving_labels)
+        per_label = score(fixed_labels, warped, moving_labels, labels)
+        values[name] = metrics.nan_mean(per_label)
+        details[f"{name}_labels"] = [int(v) for v in labels]
+        details[f"{name}_per_label"] = _as_list(per_label)
+        if name == "hd95":  # a structure that vanished under the warp has an infinite HD95
+            details["hd95_vanished"] = [int(v) for v, h in zip(labels, per_label) if np.isposinf(h)]
     return values, details
 
 
