@@ -124,7 +124,8 @@ def run_benchmark(fixed_path, moving_path, config: RegistrationConfig, *, repeat
         report.stages["coarse search (+ upsample)"] = _timed(coarse, fixed_cells, moving_cells)
         disp = coarse(fixed_cells, moving_cells)
     if config.refine.enabled and config.refine.iterations > 0:
-        fixed_f, moving_f = (jax.jit(lambda x: refinement_features(x, config))(x) for x in (fn, mn))
+        stack = jax.jit(lambda x: refinement_features(x, config))  # one compile serves both images
+        fixed_f, moving_f = stack(fn), stack(mn)
         refiner = jax.jit(lambda a, b, d: refine(a, b, d, config.refine)[0])
         seconds = _timed(refiner, fixed_f, moving_f, disp)
         report.stages[f"refinement ({config.refine.iterations} Adam steps)"] = seconds
