@@ -221,8 +221,8 @@ def fold_splits(pairs: Sequence[EvalPair], folds: int) -> list[Split]:
 # registering and scoring in memory
 # --------------------------------------------------------------------------------------------
 
-def score_field(item: EvalPair, disp: np.ndarray, fixed: np.ndarray, fixed_labels: np.ndarray,
-                moving_labels: np.ndarray, evaluation: EvaluationConfig, metric: str) -> dict:
+def score_field(disp: np.ndarray, fixed: np.ndarray, fixed_labels: np.ndarray, moving_labels: np.ndarray,
+                evaluation: EvaluationConfig, metric: str) -> dict:
     """The evaluator's Dice (and HD95 if it is the metric) and NDV (fixed-image mask) of one field."""
     values, _ = label_metrics(fixed_labels, moving_labels, disp, evaluation, {"dice", metric})
     values["ndv"] = metrics.ndv(disp, metrics.image_mask(fixed))
@@ -245,7 +245,7 @@ def _score_all(result: TuneResult, pairs: Sequence[EvalPair], indices: Sequence[
         moving_labels = load_labels(item.moving_labels, "moving label map")
         for index in mine:
             reg = register(fixed, moving, config=configs[index])
-            values = score_field(item, reg.disp, fixed, fixed_labels, moving_labels, evaluation, result.metric)
+            values = score_field(reg.disp, fixed, fixed_labels, moving_labels, evaluation, result.metric)
             values["seconds"] = reg.summary["seconds"]
             result.table[(item.pair.key, index)] = values
             done += 1
@@ -297,8 +297,7 @@ def tune(evaluation: EvaluationConfig, base: RegistrationConfig, axes: Sequence[
     say = progress or (lambda _line: None)
     if metric not in METRICS:
         raise ConfigError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    key = "dice" if metric == "dice" else "hd95"
-    pairs = [p for p in evaluation.pairs if key in p.metrics and p.fixed_labels is not None]
+    pairs = [p for p in evaluation.pairs if metric in p.metrics and p.fixed_labels is not None]
     if not pairs:
         raise InputError(f"no pair of '{evaluation.source}' has label maps scored with {metric}: jaxreg tune needs a "
                          "labelled dataset (labelsVal/ next to imagesVal/, or an evaluation_config.json with dice pairs)")
