@@ -4,8 +4,9 @@ LUMIR scores folding with the non-diffeomorphic volume (NDV): ten finite-differe
 determinants per voxel (:mod:`jaxreg.jacobians`), any negative one counts. The optimisation's
 penalties keep folds rare but cannot rule them out, and their exact gradient costs 50x the forward
 pass at full resolution. The folding voxels are few, so a repair is cheaper and exact: each round
-replaces the field, near every voxel that still folds, by its local 3^3 average, and the rounds stop
-as soon as no voxel folds (or after ``rounds``). Everywhere else the field is left bit for bit.
+moves the field, at every voxel that still folds (later rounds: near it), towards its local 3^3
+average, and the rounds stop as soon as no voxel folds (or after ``rounds``). Everywhere else the
+field is left bit for bit.
 """
 
 from __future__ import annotations
@@ -32,19 +33,27 @@ def fold_mask(disp: jnp.ndarray) -> jnp.ndarray:
 def unfold(disp: jnp.ndarray, config: UnfoldConfig) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """Repair the folds of `disp` (3, X, Y, Z) voxels. Returns (field, rounds run, folding voxels left).
 
-    A round grows the fold mask by a ``config.grow``^3 box and, inside it, replaces the field by its
-    3^3 box average (border replicated); the loop ends when no voxel folds or after ``config.rounds``.
+    A round moves the field, on the folding voxels (the first ``config.local_rounds`` rounds) or on the
+    fold mask grown by a ``config.grow``^3 box (later rounds), ``config.blend`` of the way to its 3^3 box
+    average (border replicated); the loop ends when no voxel folds or after ``config.rounds``.
     """
 
-    def keep_going(state):
-        _, rounds, folded = state
-        return (rounds < config.rounds) & jnp.any(folded)
+    def rounds_with(grow: int, last_round: int):
+        def keep_going(state):
+            _, rounds, folded = state
+            return (rounds < last_round) & jnp.any(folded)
 
-    def one_round(state):
-        field, rounds, folded = state
-        near = box_filter(folded.astype(jnp.float32), config.grow) > 0
-        field = jnp.where(near[None], box_filter(field, 3, mode="edge"), field)
-        return field, rounds + 1, fold_mask(field)  # the mask travels to the next round: computed once
+        def one_round(state):
+            field, rounds, folded = state
+            near = folded if grow == 1 else box_filter(folded.astype(jnp.float32), grow) > 0
+            smoothed = field + config.blend * (box_filter(field, 3, mode="edge") - field)
+            field = jnp.where(near[None], smoothed, field)
+            return field, rounds + 1, fold_mask(field)  # the mask travels to the next round: computed once
 
-    field, rounds, folded = jax.lax.while_loop(keep_going, one_round, (disp, jnp.int32(0), fold_mask(disp)))
+        return keep_going, one_round
+
+    state = (disp, jnp.int32(0), fold_mask(disp))
+    if config.local_rounds > 0:
+        state = jax.lax.while_loop(*rounds_with(1, config.local_rounds), state)
+    field, rounds, folded = jax.lax.while_loop(*rounds_with(config.grow, config.rounds), state)
     return field, rounds, jnp.sum(folded, dtype=jnp.int32)

@@ -55,6 +55,27 @@ def test_unfold_removes_every_fold_and_leaves_the_rest_of_the_field_alone():
     np.testing.assert_array_equal(repaired[:, far], disp[:, far])
 
 
+def test_local_gentle_unfold_stays_closer_to_the_field_than_full_replacement():
+    """The lumir repair (first rounds on the folding voxels only, half steps): every fold still goes,
+    and the field moves less than under full 3^3 replacement of the grown mask (less registration undone)."""
+    disp = _random_folding_field()
+    wide = np.asarray(_unfold(jnp.asarray(disp), UnfoldConfig(rounds=60, grow=3))[0])
+    gentle_config = UnfoldConfig(rounds=60, local_rounds=10, grow=3, blend=0.5)
+    gentle, rounds, left = _unfold(jnp.asarray(disp), gentle_config)
+    gentle = np.asarray(gentle)
+    mask = np.ones(disp.shape[1:], bool)
+    assert int(left) == 0 and metrics.ndv(gentle, mask) == 0.0
+    changed = np.abs(gentle - disp).sum()
+    assert 0 < changed < 0.8 * np.abs(wide - disp).sum()
+    # the local rounds touch folding voxels only: after one local round, only they have moved
+    first = np.asarray(_unfold(jnp.asarray(disp), UnfoldConfig(rounds=1, local_rounds=1, blend=0.5))[0])
+    folded = np.asarray(fold_mask(jnp.asarray(disp)))
+    moved = np.any(first != disp, axis=0)
+    assert moved.sum() > 0 and not np.any(moved & ~folded)
+    np.testing.assert_allclose(first[:, folded], (0.5 * disp + 0.5 * ndimage.uniform_filter(
+        disp, size=(1, 3, 3, 3), mode="nearest"))[:, folded], atol=1e-5)
+
+
 def test_unfold_returns_a_fold_free_field_unchanged():
     disp = smooth_field(amplitude=1.0).astype(np.float32)
     repaired, rounds, left = _unfold(jnp.asarray(disp), UnfoldConfig(rounds=10))
@@ -67,6 +88,10 @@ def test_fine_and_unfold_settings_are_validated():
         load_config("lumir", ["fine.intensity_weight=0"])
     with pytest.raises(ConfigError, match="unfold.grow"):
         load_config("lumir", ["unfold.grow=4"])
+    with pytest.raises(ConfigError, match="unfold.blend"):
+        load_config("lumir", ["unfold.blend=0"])
+    with pytest.raises(ConfigError, match="unfold.local_rounds"):
+        load_config("lumir", ["unfold.local_rounds=61"])
     assert FineConfig().enabled is False and UnfoldConfig().rounds == 0  # off unless a preset asks
     baseline = load_config("convexadam-lumir")
     assert not baseline.fine.enabled and baseline.unfold.rounds == 0  # the faithful baseline stays ConvexAdam
