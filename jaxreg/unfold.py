@@ -54,6 +54,6 @@ def unfold(disp: jnp.ndarray, config: UnfoldConfig) -> tuple[jnp.ndarray, jnp.nd
 
     state = (disp, jnp.int32(0), fold_mask(disp))
     if config.local_rounds > 0:
-        state = jax.lax.while_loop(*rounds_with(1, config.local_rounds), state)
+        state = jax.lax.while_loop(*rounds_with(1, min(config.local_rounds, config.rounds)), state)
     field, rounds, folded = jax.lax.while_loop(*rounds_with(config.grow, config.rounds), state)
     return field, rounds, jnp.sum(folded, dtype=jnp.int32)

@@ -91,7 +91,8 @@ def test_fine_and_unfold_settings_are_validated():
     with pytest.raises(ConfigError, match="unfold.blend"):
         load_config("lumir", ["unfold.blend=0"])
     with pytest.raises(ConfigError, match="unfold.local_rounds"):
-        load_config("lumir", ["unfold.local_rounds=61"])
+        load_config("lumir", ["unfold.local_rounds=-1"])
+    assert load_config("lumir", ["unfold.rounds=0"]).unfold.rounds == 0  # turning the repair off just works
     assert FineConfig().enabled is False and UnfoldConfig().rounds == 0  # off unless a preset asks
     baseline = load_config("convexadam-lumir")
     assert not baseline.fine.enabled and baseline.unfold.rounds == 0  # the faithful baseline stays ConvexAdam
