@@ -56,7 +56,7 @@ def test_unfold_removes_every_fold_and_leaves_the_rest_of_the_field_alone():
 
 
 def test_local_gentle_unfold_stays_closer_to_the_field_than_full_replacement():
-    """The lumir repair (first rounds on the folding voxels only, half steps): every fold still goes,
+    """The lumir-style repair (first rounds on the folding voxels only, partial steps): every fold goes,
     and the field moves less than under full 3^3 replacement of the grown mask (less registration undone)."""
     disp = _random_folding_field()
     wide = np.asarray(_unfold(jnp.asarray(disp), UnfoldConfig(rounds=60, grow=3))[0])
