@@ -39,6 +39,8 @@ class BenchmarkReport:
     bandwidth_gbps: float | None = None
     refine_floor_seconds: float | None = None
     refine_seconds: float | None = None
+    fine_floor_seconds: float | None = None
+    fine_seconds: float | None = None
     device_peak_gb: float | None = None
 
 
@@ -49,6 +51,12 @@ class BenchmarkReport:
 def refine_step_bytes(cells: int, channels: int) -> int:
     """Lower bound of the bytes one refinement step moves through memory (float32)."""
     return 4 * cells * (2 * channels + 6 + 12 + 21)
+
+
+def fine_step_bytes(voxels: int) -> int:
+    """Lower bound of the bytes one full-resolution step moves: a refinement step on one channel (the
+    intensities) plus the read of the feature level's field that the residual is added to (3)."""
+    return refine_step_bytes(voxels, 1) + 4 * voxels * 3
 
 
 def memory_bandwidth_gbps(megabytes: int = 256, repeats: int = 5) -> float:
@@ -130,16 +138,22 @@ def run_benchmark(fixed_path, moving_path, config: RegistrationConfig, *, repeat
         seconds = _timed(refiner, fixed_f, moving_f, disp)
         report.stages[f"refinement ({config.refine.iterations} Adam steps)"] = seconds
         disp = refiner(fixed_f, moving_f, disp)
-        progress("measuring memory bandwidth")
-        report.bandwidth_gbps = memory_bandwidth_gbps()
-        cells = int(np.prod(fixed_f.shape[1:]))
-        step_bytes = refine_step_bytes(cells, fixed_f.shape[0])
-        report.refine_floor_seconds = config.refine.iterations * step_bytes / (report.bandwidth_gbps * 1e9)
         report.refine_seconds = seconds
+        cells = int(np.prod(fixed_f.shape[1:]))
+        refine_bytes = config.refine.iterations * refine_step_bytes(cells, fixed_f.shape[0])
     if config.fine.enabled and config.fine.iterations > 0:
         fine = jax.jit(lambda a, b, d: refine_fine(a, b, d, config.fine)[0])
-        report.stages[f"full-resolution level ({config.fine.iterations} Adam steps)"] = _timed(fine, fn, mn, disp)
+        report.fine_seconds = _timed(fine, fn, mn, disp)
+        report.stages[f"full-resolution level ({config.fine.iterations} Adam steps)"] = report.fine_seconds
         disp = fine(fn, mn, disp)
+        fine_bytes = config.fine.iterations * fine_step_bytes(int(np.prod(fixed.shape)))
+    if report.refine_seconds is not None or report.fine_seconds is not None:
+        progress("measuring memory bandwidth")
+        report.bandwidth_gbps = memory_bandwidth_gbps()
+        if report.refine_seconds is not None:
+            report.refine_floor_seconds = refine_bytes / (report.bandwidth_gbps * 1e9)
+        if report.fine_seconds is not None:
+            report.fine_floor_seconds = fine_bytes / (report.bandwidth_gbps * 1e9)
     if config.unfold.rounds > 0:
         repair = jax.jit(lambda d: unfold(d, config.unfold)[0])
         report.stages["fold repair"] = _timed(repair, disp)
