@@ -20,6 +20,7 @@ import optax
 
 from .config import FineConfig, RefineConfig
 from .filters import SPATIAL, box_filter, forward_difference
+from .jacobians import det3
 from .warp import CORNERS, HIGHEST, identity_grid, resize, trilinear_corners
 
 
@@ -91,10 +92,7 @@ def fold_penalty(disp: jnp.ndarray, margin: float = 0.1) -> jnp.ndarray:
     cropped to the common interior): zero where the map is locally invertible with some room to spare."""
     x, y, z = (n - 1 for n in disp.shape[1:])
     grads = [forward_difference(disp, axis)[:, :x, :y, :z] for axis in SPATIAL]  # d disp / d axis
-    j = [[grads[col][row] + (1.0 if row == col else 0.0) for col in range(3)] for row in range(3)]
-    det = (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
-           - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
-           + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
+    det = det3(*(grads[axis].at[axis].add(1.0) for axis in range(3)))  # row a: d phi / d axis a
     return jnp.mean(jax.nn.relu(margin - det) ** 2)
 
 
