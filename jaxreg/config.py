@@ -180,9 +180,9 @@ class UnfoldConfig:
     (ConvexAdam has no such step).
 
     The first ``local_rounds`` rounds (at most ``rounds``) touch only the folding voxels; the later
-    ones grow the fold mask by a ``grow``^3 box first. Each round moves the field ``blend`` of the way to its local
-    mean (1 = replace it). Small, local steps undo less of the registration than wide ones: on OASIS
-    they keep most of the Dice that a repair by full 3^3 replacement costs.
+    ones grow the fold mask by a ``grow``^3 box first. Each round moves the field ``blend`` of the way
+    to its local mean (1 = replace it). Small, local steps undo less of the registration than wide
+    ones: on OASIS they keep most of the Dice that a repair by full 3^3 replacement costs.
     """
 
     rounds: int = 0
