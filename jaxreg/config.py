@@ -151,12 +151,13 @@ class FineConfig:
     The feature refinement works on a grid of ``refine.grid_spacing`` voxels; this level adds a
     residual on the full voxel grid that aligns what that grid cannot resolve (cortical folds). With
     ``r`` the residual smoothed by smoothing_passes 3^3 box filters and ``u`` = field so far + ``r``,
-    the loss is ``mean_voxels (intensity_weight * (M(x+u) - F))^2 + diffusion_weight * sum_axes
-    mean(grad r)^2 + fold_weight * mean(relu(fold_margin - det(I + grad u))^2)`` on [0, 1]-normalised
-    images: the diffusion penalty acts on the residual only, so the level adds detail without
-    relaxing the field it starts from.
-    Intensity SSD assumes both images share one contrast: the level obeys ``refine.intensity_min_ncc``
-    as the intensity channel does.
+    the loss is ``mean_voxels (intensity_weight * (M(x+u) - F))^2 + ncc_weight * (1 - mean_voxels
+    LNCC^2) + diffusion_weight * sum_axes mean(grad r)^2 + fold_weight * mean(relu(fold_margin -
+    det(I + grad u))^2)`` on [0, 1]-normalised images, LNCC being the local normalised cross-correlation
+    over ``ncc_window``^3 boxes (robust to local intensity differences, which the SSD is not). The
+    diffusion penalty acts on the residual only, so the level adds detail without relaxing the field
+    it starts from. Both intensity terms assume one contrast: the level obeys
+    ``refine.intensity_min_ncc`` as the intensity channel does.
     """
 
     enabled: bool = False
@@ -167,9 +168,16 @@ class FineConfig:
     smoothing_passes: int = 1
     fold_weight: float = 10.0
     fold_margin: float = 0.3
+    ncc_weight: float = 0.0
+    ncc_window: int = 5
 
     def __post_init__(self):
-        _check(self.intensity_weight > 0, f"fine.intensity_weight must be > 0, got {self.intensity_weight}")
+        _check(self.intensity_weight >= 0, f"fine.intensity_weight must be >= 0, got {self.intensity_weight}")
+        _check(self.ncc_weight >= 0, f"fine.ncc_weight must be >= 0, got {self.ncc_weight}")
+        _check(self.intensity_weight > 0 or self.ncc_weight > 0,
+               "fine needs a similarity term: set fine.intensity_weight or fine.ncc_weight > 0")
+        _check(self.ncc_window >= 3 and self.ncc_window % 2 == 1,
+               f"fine.ncc_window must be odd and >= 3, got {self.ncc_window}")
         _check_adam_level("fine", self)
 
 

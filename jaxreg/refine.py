@@ -67,6 +67,82 @@ def _ssd_and_gradient(disp, moving, fixed):
     return loss, jnp.stack(gradient) * (2.0 / count)
 
 
+def fixed_window_statistics(fixed: jnp.ndarray, window: int):
+    """(fixed, its local mean, its local variance) over `window`^3 boxes: what the local NCC needs of
+    the fixed image, computed once per registration instead of once per step."""
+    mean, square = box_filter(jnp.stack([fixed, fixed * fixed]), window)
+    return fixed, mean, square - mean * mean
+
+
+LNCC_EPSILON = 1e-5  # keeps flat regions (both local variances ~0) from dividing by zero
+
+
+def _lncc_and_derivative(warped, fixed_stats, window: int):
+    """``1 - mean_x cc(x)`` and its derivative wrt the warped image, cc = local squared NCC of the
+    fixed image and `warped` over `window`^3 boxes (zero-padded means).
+
+    With A the local covariance and B, C the local variances of fixed and warped, cc = A^2 / (B C + eps).
+    The derivative is a sum of box filters, the zero-padded box filter being self-adjoint.
+    """
+    fixed, fixed_mean, fixed_var = fixed_stats
+    mean, square, product = box_filter(jnp.stack([warped, warped * warped, fixed * warped]), window)
+    cross = product - fixed_mean * mean
+    denominator = fixed_var * (square - mean * mean) + LNCC_EPSILON
+    cc = cross * cross / denominator
+    d_cross = 2.0 * cross / denominator  # d cc / d cross
+    d_var = -cc * fixed_var / denominator  # d cc / d (local variance of warped)
+    back = box_filter(jnp.stack([d_cross, d_cross * fixed_mean, d_var, d_var * mean]), window)
+    count = float(warped.size)
+    derivative = -(fixed * back[0] - back[1] + 2.0 * (warped * back[2] - back[3])) / count
+    return 1.0 - jnp.sum(cc) / count, derivative
+
+
+def _intensity_loss_and_gradient(disp, moving, fixed_stats, weights):
+    """The full-resolution level's data term and its gradient wrt disp, from ONE gather of the
+    moving image: ``ssd_weight * mean (M(x+u) - F)^2 + ncc_weight * (1 - mean local NCC^2)``.
+
+    `moving` (X, Y, Z); `fixed_stats` from :func:`fixed_window_statistics`; `weights` is
+    (ssd_weight, ncc_weight, window). The chain rule through the trilinear interpolation uses the
+    same corner samples as the value.
+    """
+    ssd_weight, ncc_weight, window = weights
+    fixed = fixed_stats[0]
+    samples, corner_axis_weights = _corner_samples(disp, moving[..., None])
+    samples = samples[..., 0]  # (x, y, z, 8)
+    corner_weights = jnp.stack([w[0] * w[1] * w[2] for w in corner_axis_weights], axis=-1)
+    warped = jnp.sum(corner_weights * samples, axis=-1)
+    loss, derivative = 0.0, 0.0
+    if ssd_weight > 0:
+        residual = warped - fixed
+        loss = ssd_weight * jnp.sum(residual * residual) / warped.size
+        derivative = (2.0 * ssd_weight / warped.size) * residual
+    if ncc_weight > 0:
+        lncc, d_lncc = _lncc_and_derivative(warped, fixed_stats, window)
+        loss = loss + ncc_weight * lncc
+        derivative = derivative + ncc_weight * d_lncc
+    gradient = [derivative * jnp.sum(_corner_slopes(corner_axis_weights, k) * samples, axis=-1) for k in range(3)]
+    return loss, jnp.stack(gradient)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def intensity_loss(disp: jnp.ndarray, moving: jnp.ndarray, fixed_stats, weights) -> jnp.ndarray:
+    """:func:`_intensity_loss_and_gradient`'s value, differentiable in `disp` only."""
+    return _intensity_loss_and_gradient(disp, moving, fixed_stats, weights)[0]
+
+
+def _intensity_loss_forward(disp, moving, fixed_stats, weights):
+    loss, gradient = _intensity_loss_and_gradient(disp, moving, fixed_stats, weights)
+    return loss, (gradient, moving, fixed_stats)
+
+
+def _intensity_loss_backward(weights, residuals, cotangent):
+    gradient, moving, fixed_stats = residuals
+    return cotangent * gradient, jnp.zeros_like(moving), jax.tree_util.tree_map(jnp.zeros_like, fixed_stats)
+
+
+intensity_loss.defvjp(_intensity_loss_forward, _intensity_loss_backward)
+
+
 @jax.custom_vjp
 def warped_ssd(disp: jnp.ndarray, moving: jnp.ndarray, fixed: jnp.ndarray) -> jnp.ndarray:
     """Feature SSD of ``moving(x + disp(x))`` against `fixed` (differentiable in `disp` only)."""
@@ -209,13 +285,18 @@ def refine_fine(fixed: jnp.ndarray, moving: jnp.ndarray, init_disp: jnp.ndarray,
     feature level's field; the fold penalty acts on the sum. `fixed`, `moving`: (X, Y, Z) images
     normalised to [0, 1]. Returns (disp, loss trace).
     """
-    fixed = (config.intensity_weight * fixed)[..., None]
-    moving = (config.intensity_weight * moving)[..., None]
+    if config.ncc_weight > 0:
+        fixed_stats = fixed_window_statistics(fixed, config.ncc_window)
+    else:
+        fixed_stats = (fixed,)
+    # intensity_weight scales the intensities, so the SSD's coefficient is its square
+    weights = (config.intensity_weight ** 2, config.ncc_weight, config.ncc_window)
 
     def loss_fn(residual):
         residual = smooth_grid(residual, config.smoothing_passes)
         disp = init_disp + residual
-        loss = warped_ssd(disp, moving, fixed) + config.diffusion_weight * diffusion_penalty(residual)
+        loss = intensity_loss(disp, moving, fixed_stats, weights)
+        loss = loss + config.diffusion_weight * diffusion_penalty(residual)
         if config.fold_weight > 0:
             loss = loss + config.fold_weight * fold_penalty(disp, config.fold_margin)
         return loss
