@@ -5,12 +5,13 @@ units. The displacement the loss sees is that grid smoothed by ``smoothing_passe
 box filters. Loss = feature SSD (summed over channels, averaged over cells) of the moving features
 pulled through the displacement + ``diffusion_weight`` * mean squared forward differences per axis.
 The iterations run inside ``lax.scan`` so the loss trace comes back with the result.
-:func:`refine_fine` adds a residual on the full voxel grid, with the intensities as the only feature
-and the diffusion penalty on the residual alone.
+:func:`refine_fine` adds a residual on the full voxel grid, matched on the intensities (SSD and local
+NCC, :func:`intensity_loss`), with the diffusion penalty on the residual alone.
 
 The SSD term has a hand-written gradient (:func:`warped_ssd`): XLA's autodiff of a 12-channel
 gather scatters into the features, which costs several times more than the fused forward pass.
-So has the fold penalty (:func:`fold_penalty`), whose autodiff held ~40 full-size intermediates.
+So have the full-resolution data term (:func:`intensity_loss`) and the fold penalty
+(:func:`fold_penalty`; its autodiff held ~40 full-size intermediates).
 """
 
 from __future__ import annotations
