@@ -20,6 +20,7 @@ Ray is optional: ``pip install 'jaxreg[ray]'``.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -50,6 +51,24 @@ def _run_task(task: PairTask) -> PairOutcome:
     return replace(outcome, device=f"{socket.gethostname()}/{outcome.device}")
 
 
+def send_token_when_available(address: str | None) -> None:
+    """Let a driver given an explicit ``HOST:PORT`` authenticate to a token-protected cluster.
+
+    Since Ray 2.5x, ``ray start`` turns token authentication on by default (token in
+    ``~/.ray/auth_token``). With ``address="auto"`` or none, ``ray.init`` finds the token itself;
+    with ``HOST:PORT`` it sends it only under ``RAY_AUTH_MODE=token``, and otherwise retries
+    "InvalidAuthToken" until it gives up (found running the README's Slurm recipe). A token sent
+    to a cluster without authentication is ignored (checked with Ray 2.60), so token mode is turned
+    on whenever a token exists and the user has not chosen a mode. Ray reads the mode when it is
+    imported, so this must run first.
+    """
+    if not address or address == "auto" or "RAY_AUTH_MODE" in os.environ:
+        return
+    token_file = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or os.path.exists(token_file):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 class RayExecutor:
     """Runs :class:`~jaxreg.batch.PairTask` s as Ray tasks (see the module docstring).
 
@@ -67,6 +86,7 @@ class RayExecutor:
     def __init__(self, address: str | None = None, *, cpus_per_task: int = 1, max_retries: int = 3):
         if cpus_per_task < 1:
             raise ConfigError(f"CPUs per Ray task must be at least 1, got {cpus_per_task}.")
+        send_token_when_available(address)  # before `import ray`, which reads RAY_AUTH_MODE
         self._ray = ray = import_ray()
         self._owned = not ray.is_initialized()
         if self._owned:

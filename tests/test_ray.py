@@ -128,3 +128,26 @@ def test_ray_missing_is_one_error_line(tmp_path, capsys, monkeypatch):
     code, _, stderr = _run([dataset, "-o", tmp_path / "out", *FAST, "--ray"], capsys)
     assert code == 2 and stderr.startswith("error: ") and stderr.count("\n") == 1
     assert "pip install 'jaxreg[ray]'" in stderr
+
+
+def test_an_explicit_address_sends_the_token_when_one_exists(tmp_path, monkeypatch):
+    """Ray 2.60: `ray start` protects a cluster with a token; a driver given HOST:PORT must be told
+    to send it (RAY_AUTH_MODE=token), or it retries InvalidAuthToken until it gives up."""
+    from jaxreg.cluster import send_token_when_available
+
+    token = tmp_path / "auth_token"
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):  # set, then delete: monkeypatch restores either state
+        monkeypatch.setenv(name, "placeholder")
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    send_token_when_available("10.0.0.1:6379")
+    assert "RAY_AUTH_MODE" not in os.environ  # no token anywhere: nothing to send
+    token.write_text("secret")
+    for address in (None, "auto"):  # ray.init finds the token itself
+        send_token_when_available(address)
+        assert "RAY_AUTH_MODE" not in os.environ
+    send_token_when_available("10.0.0.1:6379")
+    assert os.environ["RAY_AUTH_MODE"] == "token"
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the user's choice stands
+    send_token_when_available("10.0.0.1:6379")
+    assert os.environ["RAY_AUTH_MODE"] == "disabled"
