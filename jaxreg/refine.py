@@ -28,6 +28,22 @@ from .jacobians import det3
 from .warp import CORNERS, HIGHEST, identity_grid, resize, trilinear_corners
 
 
+def _use_hand_gradient(function, value_and_gradient, nondiff_argnums=()) -> None:
+    """Give `function` (a ``jax.custom_vjp``) the gradient that ``value_and_gradient(*args)`` returns
+    with the value: wrt the first argument, zero for the other differentiable arguments."""
+
+    def forward(*args):
+        value, gradient = value_and_gradient(*args)
+        others = [arg for i, arg in enumerate(args) if i > 0 and i not in nondiff_argnums]
+        return value, (gradient, others)
+
+    def backward(*args):  # the nondiff arguments, then the residuals and the cotangent
+        (gradient, others), cotangent = args[-2:]
+        return (cotangent * gradient, *(jax.tree_util.tree_map(jnp.zeros_like, arg) for arg in others))
+
+    function.defvjp(forward, backward)
+
+
 def _corner_samples(disp, moving):
     """The eight trilinear corners of ``moving`` at ``x + disp(x)``: (samples (x, y, z, 8, C), per-axis
     weights per corner). One gather of (8, C) rows per cell from a precomputed index array (22 %
@@ -131,17 +147,7 @@ def intensity_loss(disp: jnp.ndarray, moving: jnp.ndarray, fixed_stats, weights)
     return _intensity_loss_and_gradient(disp, moving, fixed_stats, weights)[0]
 
 
-def _intensity_loss_forward(disp, moving, fixed_stats, weights):
-    loss, gradient = _intensity_loss_and_gradient(disp, moving, fixed_stats, weights)
-    return loss, (gradient, moving, fixed_stats)
-
-
-def _intensity_loss_backward(weights, residuals, cotangent):
-    gradient, moving, fixed_stats = residuals
-    return cotangent * gradient, jnp.zeros_like(moving), jax.tree_util.tree_map(jnp.zeros_like, fixed_stats)
-
-
-intensity_loss.defvjp(_intensity_loss_forward, _intensity_loss_backward)
+_use_hand_gradient(intensity_loss, _intensity_loss_and_gradient, nondiff_argnums=(3,))
 
 
 @jax.custom_vjp
@@ -150,17 +156,7 @@ def warped_ssd(disp: jnp.ndarray, moving: jnp.ndarray, fixed: jnp.ndarray) -> jn
     return _ssd_and_gradient(disp, moving, fixed)[0]
 
 
-def _warped_ssd_forward(disp, moving, fixed):
-    loss, gradient = _ssd_and_gradient(disp, moving, fixed)
-    return loss, (gradient, moving, fixed)
-
-
-def _warped_ssd_backward(residuals, cotangent):
-    gradient, moving, fixed = residuals
-    return cotangent * gradient, jnp.zeros_like(moving), jnp.zeros_like(fixed)
-
-
-warped_ssd.defvjp(_warped_ssd_forward, _warped_ssd_backward)
+_use_hand_gradient(warped_ssd, _ssd_and_gradient)
 
 
 def smooth_grid(params: jnp.ndarray, passes: int) -> jnp.ndarray:
@@ -231,15 +227,7 @@ def fold_penalty(disp: jnp.ndarray, margin: float = 0.1) -> jnp.ndarray:
     return _fold_penalty_and_gradient(disp, margin)[0]
 
 
-def _fold_penalty_forward(disp, margin):
-    return _fold_penalty_and_gradient(disp, margin)
-
-
-def _fold_penalty_backward(margin, gradient, cotangent):
-    return (cotangent * gradient,)
-
-
-fold_penalty.defvjp(_fold_penalty_forward, _fold_penalty_backward)
+_use_hand_gradient(fold_penalty, _fold_penalty_and_gradient, nondiff_argnums=(1,))
 
 
 def _adam(loss_fn, params: jnp.ndarray, learning_rate: float, iterations: int):
