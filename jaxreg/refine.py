@@ -25,7 +25,7 @@ import optax
 from .config import FineConfig, RefineConfig
 from .filters import SPATIAL, box_filter, forward_difference
 from .jacobians import det3
-from .warp import CORNERS, HIGHEST, identity_grid, resize, trilinear_corners
+from .warp import CORNERS, identity_grid, resize, trilinear_corners
 
 
 def _use_hand_gradient(function, value_and_gradient, nondiff_argnums=()) -> None:
@@ -48,16 +48,15 @@ def _corner_samples(disp, moving):
     """The eight trilinear corners of `moving` (X, Y, Z) or (X, Y, Z, C) at ``x + disp(x)``:
     (samples (8, x, y, z) + channels, per-axis weights per corner); zeros outside the grid.
 
-    One gather of C-channel rows from a precomputed index array (22 % faster on CPU than eight
-    gathers recomputing their indices). Corner-major: an index interleaving the 8 corners of each
-    cell took 20 % of a full-resolution step to write.
+    One gather of C-channel rows through one index array (22 % faster on CPU than eight gathers
+    recomputing their indices). Corner-major: an index interleaving the 8 corners of each cell took
+    20 % of a full-resolution step to write.
     """
     shape, channels = moving.shape[:3], moving.shape[3:]
     corners = trilinear_corners(identity_grid(disp.shape[1:]) + disp, shape, "zeros")
     outside = shape[0] * shape[1] * shape[2]  # index of an all-zero row
     flat_moving = jnp.concatenate([moving.reshape((-1,) + channels), jnp.zeros((1,) + channels, moving.dtype)])
     index = jnp.stack([jnp.where(valid, flat, outside) for flat, _, valid in corners])
-    index = jax.lax.optimization_barrier(index)  # materialise: the gather then only reads indices
     samples = flat_moving.at[index].get(mode="promise_in_bounds")
     return samples, [w for _, w, _ in corners]
 
@@ -76,13 +75,16 @@ def _ssd_and_gradient(disp, moving, fixed):
 
     disp (3, x, y, z) in cells; moving, fixed (x, y, z, C) channels-last; zeros outside the grid.
     The value and the exact derivative of the trilinear interpolation come from the same samples.
-    Sums over the corners are written out: stacking per-corner weights costs a pass each.
+    The gradient along each axis is residual . (derivative of the warped features along it): three
+    reductions over the channels instead of one per corner (eight short reductions took half a step).
     """
     shape = disp.shape[1:]
     samples, weights = _corner_samples(disp, moving)
     residual = sum((w[0] * w[1] * w[2])[..., None] * samples[k] for k, w in enumerate(weights)) - fixed
-    dots = [jnp.sum(residual * samples[k], axis=-1) for k in range(len(CORNERS))]  # residual . corner sample
-    gradient = [sum(slope * dot for slope, dot in zip(_corner_slopes(weights, a), dots)) for a in range(3)]
+    gradient = []
+    for axis in range(3):
+        slope = sum(s[..., None] * samples[k] for k, s in enumerate(_corner_slopes(weights, axis)))
+        gradient.append(jnp.sum(residual * slope, axis=-1))
     count = float(shape[0] * shape[1] * shape[2])
     loss = jnp.sum(residual * residual) / count
     return loss, jnp.stack(gradient) * (2.0 / count)
