@@ -53,10 +53,11 @@ def refine_step_bytes(cells: int, channels: int) -> int:
     return 4 * cells * (2 * channels + 6 + 12 + 21)
 
 
-def fine_step_bytes(voxels: int) -> int:
+def fine_step_bytes(voxels: int, local_ncc: bool = False) -> int:
     """Lower bound of the bytes one full-resolution step moves: a refinement step on one channel (the
-    intensities) plus the read of the feature level's field that the residual is added to (3)."""
-    return refine_step_bytes(voxels, 1) + 4 * voxels * 3
+    intensities), the read of the feature level's field that the residual is added to (3) and, with
+    the local NCC, of the fixed image's local mean and variance (2; its box filters can stream)."""
+    return refine_step_bytes(voxels, 1) + 4 * voxels * (3 + (2 if local_ncc else 0))
 
 
 def memory_bandwidth_gbps(megabytes: int = 256, repeats: int = 5) -> float:
@@ -127,6 +128,7 @@ def run_benchmark(fixed_path, moving_path, config: RegistrationConfig, *, repeat
     report.stages["features (MIND-SSC, one image, pooled)"] = _timed(features, fn)
     fixed_cells, moving_cells = features(fn), features(mn)
     disp = jnp.zeros((3,) + fixed.shape, jnp.float32)
+    refine_bytes = fine_bytes = 0  # the least bytes the two Adam levels must move
     if config.coarse.enabled:
         coarse = jax.jit(lambda a, b: resize(coarse_search(a, b, config.coarse), fixed.shape))
         report.stages["coarse search (+ upsample)"] = _timed(coarse, fixed_cells, moving_cells)
@@ -142,11 +144,11 @@ def run_benchmark(fixed_path, moving_path, config: RegistrationConfig, *, repeat
         cells = int(np.prod(fixed_f.shape[1:]))
         refine_bytes = config.refine.iterations * refine_step_bytes(cells, fixed_f.shape[0])
     if config.fine.enabled and config.fine.iterations > 0:
-        fine = jax.jit(lambda a, b, d: refine_fine(a, b, d, config.fine)[0])
+        fine = jax.jit(lambda a, b, d: refine_fine(a, b, d, config.fine))
         report.fine_seconds = _timed(fine, fn, mn, disp)
         report.stages[f"full-resolution level ({config.fine.iterations} Adam steps)"] = report.fine_seconds
         disp = fine(fn, mn, disp)
-        fine_bytes = config.fine.iterations * fine_step_bytes(int(np.prod(fixed.shape)))
+        fine_bytes = config.fine.iterations * fine_step_bytes(int(np.prod(fixed.shape)), config.fine.ncc_weight > 0)
     if report.refine_seconds is not None or report.fine_seconds is not None:
         progress("measuring memory bandwidth")
         report.bandwidth_gbps = memory_bandwidth_gbps()

@@ -111,7 +111,7 @@ def _program(fixed, moving, init_disp, *, config: RegistrationConfig):
         fixed_f, moving_f = (refinement_features(image, config, use_intensity) for image in (fixed_n, moving_aligned))
         disp, losses = refine(fixed_f, moving_f, disp, config.refine)
     if config.fine.enabled and config.fine.iterations > 0:
-        disp = jax.lax.cond(use_intensity, lambda d: refine_fine(fixed_n, moving_aligned, d, config.fine)[0],
+        disp = jax.lax.cond(use_intensity, lambda d: refine_fine(fixed_n, moving_aligned, d, config.fine),
                             lambda d: d, disp)
 
     total = compose_affine(matrix, disp) if config.affine.enabled else disp

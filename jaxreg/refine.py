@@ -272,12 +272,12 @@ def refine(fixed_cells: jnp.ndarray, moving_cells: jnp.ndarray, init_disp: jnp.n
     return resize(disp, full_shape), losses
 
 
-def refine_fine(fixed: jnp.ndarray, moving: jnp.ndarray, init_disp: jnp.ndarray, config: FineConfig):
+def refine_fine(fixed: jnp.ndarray, moving: jnp.ndarray, init_disp: jnp.ndarray, config: FineConfig) -> jnp.ndarray:
     """Full-resolution intensity level: `init_disp` plus a smoothed residual that Adam optimises.
 
     The diffusion penalty acts on the residual only, so the level adds detail without relaxing the
     feature level's field; the fold penalty acts on the sum. `fixed`, `moving`: (X, Y, Z) images
-    normalised to [0, 1]. Returns (disp, loss trace).
+    normalised to [0, 1]. Returns the displacement.
     """
     if config.ncc_weight > 0:
         fixed_stats = fixed_window_statistics(fixed, config.ncc_window)
@@ -295,5 +295,5 @@ def refine_fine(fixed: jnp.ndarray, moving: jnp.ndarray, init_disp: jnp.ndarray,
             loss = loss + config.fold_weight * fold_penalty(disp, config.fold_margin)
         return loss
 
-    residual, losses = _adam(loss_fn, jnp.zeros_like(init_disp), config.learning_rate, config.iterations)
-    return init_disp + smooth_grid(residual, config.smoothing_passes), losses
+    residual, _ = _adam(loss_fn, jnp.zeros_like(init_disp), config.learning_rate, config.iterations)
+    return init_disp + smooth_grid(residual, config.smoothing_passes)

@@ -35,15 +35,17 @@ def test_benchmark_times_the_full_resolution_level_and_the_fold_repair(tmp_path)
     # the refinement is timed on the features the program uses: MIND-SSC plus the intensity channel
     cells = (fixed.shape[0] // 2) * (fixed.shape[1] // 2) * (fixed.shape[2] // 2)
     assert abs(report.refine_floor_seconds - 5 * refine_step_bytes(cells, 13) / (report.bandwidth_gbps * 1e9)) < 1e-9
-    # the full-resolution level's floor: 3 steps over every voxel
+    # the full-resolution level's floor: 3 steps over every voxel, with lumir's local NCC
     voxels = fixed.shape[0] * fixed.shape[1] * fixed.shape[2]
-    assert abs(report.fine_floor_seconds - 3 * fine_step_bytes(voxels) / (report.bandwidth_gbps * 1e9)) < 1e-9
+    floor = 3 * fine_step_bytes(voxels, local_ncc=True) / (report.bandwidth_gbps * 1e9)
+    assert abs(report.fine_floor_seconds - floor) < 1e-9
     assert report.fine_seconds == report.stages["full-resolution level (3 Adam steps)"]
 
 
 def test_refine_step_bytes_counts_floats_per_cell():
     assert refine_step_bytes(1, 12) == 4 * (24 + 39)
     assert fine_step_bytes(1) == 4 * (2 + 39 + 3)  # one channel, plus the field the residual is added to
+    assert fine_step_bytes(1, local_ncc=True) == 4 * (2 + 39 + 3 + 2)  # and the fixed local mean, variance
 
 
 def test_vmapped_program_registers_each_pair_as_the_single_pair_program_does():
