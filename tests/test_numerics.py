@@ -28,6 +28,14 @@ def test_box_filter_edge_mode_matches_scipy_nearest():
     np.testing.assert_allclose(box_filter(jnp.asarray(x), 5, mode="edge"), expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode, scipy_mode", [("zeros", "constant"), ("edge", "nearest")])
+def test_box_filter_on_some_axes_of_a_stack_matches_scipy(mode, scipy_mode):
+    # the filter pads all its axes at once, then sums: the result must equal axis-by-axis filtering
+    x = RNG.random((3, 6, 7, 8)).astype(np.float32)
+    expected = ndimage.uniform_filter(x, size=(1, 1, 5, 5), mode=scipy_mode, cval=0.0)
+    np.testing.assert_allclose(box_filter(jnp.asarray(x), 5, axes=(-2, -1), mode=mode), expected, atol=1e-6)
+
+
 def test_avg_pool_drops_incomplete_blocks_like_pytorch():
     x = np.arange(5 * 4 * 3, dtype=np.float32).reshape(5, 4, 3)
     out = np.asarray(avg_pool(jnp.asarray(x), 2))
