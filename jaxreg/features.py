@@ -79,21 +79,25 @@ def mind_ssc_pooled(image: jnp.ndarray, radius: int = 1, dilation: int = 2, fact
 
         ssd = jnp.stack([(shifted(a) - shifted(b)) ** 2 for a, b in pairs])
         ssd = box_filter(ssd, 2 * r + 1, axes=(-2, -1), mode="edge")
-        ssd = sum(ssd[:, k: k + slab] for k in range(2 * r + 1)) / (2 * r + 1)  # valid along axis 0
-        mind = ssd - ssd.min(axis=0, keepdims=True)
-        return mind, mind.mean(axis=0)
+        return sum(ssd[:, k: k + slab] for k in range(2 * r + 1)) / (2 * r + 1)  # valid along axis 0
 
+    def mind_of(ssd):
+        return ssd - ssd.min(axis=0, keepdims=True)
+
+    # Three passes over a stored stack: a loop's output is written once, whereas XLA would fuse the
+    # patch SSDs into every consumer (minimum, variance, descriptor) and compute them three times.
     starts = jnp.arange(n_slabs) * slab
-    minds, variances = jax.lax.map(raw_slab, starts)  # (n, 12, slab, Y, Z), (n, slab, Y, Z)
+    ssds = jax.lax.map(raw_slab, starts)  # (n, 12, slab, Y, Z)
+    variances = jax.lax.map(lambda ssd: mind_of(ssd).mean(axis=0), ssds)  # (n, slab, Y, Z)
     valid_rows = (starts[:, None] + jnp.arange(slab)[None]) < x_size
     mean_variance = jnp.sum(jnp.where(valid_rows[:, :, None, None], variances, 0.0)) / (x_size * y_size * z_size)
     low = jnp.maximum(mean_variance * 1e-3, 1e-12)
     high = jnp.maximum(mean_variance * 1e3, 1e-12)
 
     def finish(args):
-        mind, variance = args
-        return avg_pool(jnp.exp(-mind / jnp.clip(variance, low, high)[None]), factor)
+        ssd, variance = args
+        return avg_pool(jnp.exp(-mind_of(ssd) / jnp.clip(variance, low, high)[None]), factor)
 
-    pooled = jax.lax.map(finish, (minds, variances))  # (n, 12, slab/f, Y/f, Z/f)
+    pooled = jax.lax.map(finish, (ssds, variances))  # (n, 12, slab/f, Y/f, Z/f)
     pooled = jnp.moveaxis(pooled, 1, 0).reshape((12, n_slabs * (slab // factor)) + pooled.shape[3:])
     return pooled[:, : x_size // factor]
