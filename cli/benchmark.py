@@ -27,9 +27,12 @@ def benchmark_command(
         None, "--throughput", help="Comma-separated pair counts, e.g. 1,2,4,8: pairs per second when that many "
         "pairs go through one vmapped program (pays on GPU/TPU)."),
     scaling: bool = typer.Option(False, "--scaling", help="Also time 1, 4 and 16 pairs in a row at half and full size."),
+    against: Optional[str] = typer.Option(
+        None, "--against", help="Another preset: time both programs alternately in this process (best of "
+        "max(3, --repeats) each) and print the ratio, steadier than two separate runs."),
 ):
     """Print compile time, seconds per stage, seconds per pair and peak memory (figures, not a test)."""
-    from jaxreg.benchmark import run_benchmark, run_scaling, run_throughput
+    from jaxreg.benchmark import alternate_presets, run_benchmark, run_scaling, run_throughput
     from jaxreg.config import load_config
     from jaxreg.demo import demo_pair
     from jaxreg.io import load_volume
@@ -39,6 +42,7 @@ def benchmark_command(
     if fixed is None:
         fixed, moving = demo_pair()
     config = load_config(preset, tuple(set_ or ()))
+    other = load_config(against) if against else None  # checked before any work
     counts = _counts(throughput) if throughput else ()
     def progress(message: str) -> None:
         typer.echo(f"... {message}", err=True)
@@ -74,6 +78,12 @@ def benchmark_command(
         for row in rows:
             voxels = row.shape[0] * row.shape[1] * row.shape[2]
             typer.echo(f"{row.shape!s:<18} {voxels / 1e6:5.2f} M {row.pairs:>7} {row.seconds:7.1f} s {row.seconds_per_pair:7.2f} s")
+    if other is not None:
+        progress(f"timing {preset} and {against} alternately")
+        mine, theirs = (min(times) for times in alternate_presets(fixed, moving, [config, other],
+                                                                   repeats=max(3, repeats)))
+        typer.echo(f"alternated    {preset} {mine:.3f} s, {against} {theirs:.3f} s per pair (best of "
+                   f"{max(3, repeats)}, runs alternated): {mine / theirs:.2f}x")
     if reference is not None:
         from jaxreg.reference import time_reference
 

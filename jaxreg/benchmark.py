@@ -162,6 +162,26 @@ def run_benchmark(fixed_path, moving_path, config: RegistrationConfig, *, repeat
     return report
 
 
+def alternate_presets(fixed_path, moving_path, configs, *, repeats: int = 3) -> list[list[float]]:
+    """Seconds per pair of each of `configs` on one pair, the runs alternated in one process (A, B, A,
+    B, ...) after one warm-up run each. A shared machine drifts by 10-20 % between separate runs; here
+    every program meets the same drift, so the ratio of the bests is the steadier figure."""
+    fixed, _ = load_volume(fixed_path, "fixed image")
+    moving, _ = load_volume(moving_path, "moving image")
+    check_pair(fixed, moving)
+    f, m = jnp.asarray(fixed), jnp.asarray(moving)
+    programs = [compiled_program(config, fixed.shape, False)[0] for config in configs]
+    for program in programs:
+        jax.block_until_ready(program(f, m, None))
+    seconds = [[] for _ in programs]
+    for _ in range(repeats):
+        for program, times in zip(programs, seconds):
+            start = time.perf_counter()
+            jax.block_until_ready(program(f, m, None))
+            times.append(time.perf_counter() - start)
+    return seconds
+
+
 @dataclass
 class ThroughputRow:
     """Pairs registered at once by one vmapped program, and what it cost."""

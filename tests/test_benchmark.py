@@ -110,3 +110,24 @@ def test_throughput_beyond_the_free_memory_is_refused_in_one_line(tmp_path, caps
                  "--set", "refine.iterations=30", "--repeats", "1", "--no-stages", "--throughput", "1000000"])
     err = capsys.readouterr().err
     assert code == 2 and "error: --throughput 1000000 needs about" in err and err.count("error") == 1
+
+
+def test_against_times_two_presets_alternately_and_prints_their_ratio(tmp_path, capsys):
+    import re
+
+    from jaxreg.cli.main import main
+
+    fixed = brain()
+    for name, data in [("f", fixed), ("m", pull(fixed, smooth_field()))]:
+        nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / f"{name}.nii.gz")
+    args = ["benchmark", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "--preset", "convexadam-lumir",
+            "--set", "refine.iterations=30", "--repeats", "1", "--no-stages"]
+    # an unknown preset is refused before any timing
+    assert main(args + ["--against", "no-such-preset"]) == 2
+    assert "per pair" not in capsys.readouterr().out
+    assert main(args + ["--against", "fast"]) == 0
+    line = [row for row in capsys.readouterr().out.splitlines() if row.startswith("alternated")][0]
+    mine, theirs, ratio = (float(x) for x in re.search(r"([\d.]+) s, fast ([\d.]+) s .*: ([\d.]+)x", line).groups())
+    assert "best of 3" in line and mine > 0 and theirs > 0
+    # the ratio of the printed times, up to their rounding (0.0005 s each) and the ratio's (0.005)
+    assert abs(ratio - mine / theirs) <= mine / theirs * (0.0005 / mine + 0.0005 / theirs) + 0.005
