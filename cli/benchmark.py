@@ -64,7 +64,7 @@ def benchmark_command(
             typer.echo(f"{stage} vs memory bandwidth: {report.bandwidth_gbps:.1f} GB/s measured, floor "
                        f"{floor:.2f} s, measured {seconds:.2f} s = {seconds / floor:.0f}x the limit")
     best = min(report.total_seconds)
-    if counts or scaling:
+    if counts or scaling or other is not None:
         fixed_a, moving_a = load_volume(fixed, "fixed image")[0], load_volume(moving, "moving image")[0]
     if counts:
         _check_memory_for(max(counts), report)
@@ -80,7 +80,7 @@ def benchmark_command(
             typer.echo(f"{row.shape!s:<18} {voxels / 1e6:5.2f} M {row.pairs:>7} {row.seconds:7.1f} s {row.seconds_per_pair:7.2f} s")
     if other is not None:
         progress(f"timing {preset} and {against} alternately")
-        mine, theirs = (min(times) for times in alternate_presets(fixed, moving, [config, other],
+        mine, theirs = (min(times) for times in alternate_presets(fixed_a, moving_a, [config, other],
                                                                    repeats=max(3, repeats)))
         typer.echo(f"alternated    {preset} {mine:.3f} s, {against} {theirs:.3f} s per pair (best of "
                    f"{max(3, repeats)}, runs alternated): {mine / theirs:.2f}x")

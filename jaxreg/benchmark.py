@@ -162,13 +162,10 @@ def run_benchmark(fixed_path, moving_path, config: RegistrationConfig, *, repeat
     return report
 
 
-def alternate_presets(fixed_path, moving_path, configs, *, repeats: int = 3) -> list[list[float]]:
+def alternate_presets(fixed: np.ndarray, moving: np.ndarray, configs, *, repeats: int = 3) -> list[list[float]]:
     """Seconds per pair of each of `configs` on one pair, the runs alternated in one process (A, B, A,
     B, ...) after one warm-up run each. A shared machine drifts by 10-20 % between separate runs; here
     every program meets the same drift, so the ratio of the bests is the steadier figure."""
-    fixed, _ = load_volume(fixed_path, "fixed image")
-    moving, _ = load_volume(moving_path, "moving image")
-    check_pair(fixed, moving)
     f, m = jnp.asarray(fixed), jnp.asarray(moving)
     programs = [compiled_program(config, fixed.shape, False)[0] for config in configs]
     for program in programs:
