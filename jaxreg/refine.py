@@ -70,6 +70,17 @@ def _corner_slopes(weights, axis: int) -> list:
     return slopes
 
 
+def _interpolate(samples, weights):
+    """From :func:`_corner_samples`: the trilinear value at ``x + disp(x)`` and its derivative along
+    each axis (the corner samples weighted by the corner slopes), channels kept."""
+    def times(w, k):  # a per-cell factor times corner k's samples, broadcast over channels
+        return (w if samples.ndim == 4 else w[..., None]) * samples[k]
+
+    value = sum(times(w[0] * w[1] * w[2], k) for k, w in enumerate(weights))
+    slopes = [sum(times(s, k) for k, s in enumerate(_corner_slopes(weights, axis))) for axis in range(3)]
+    return value, slopes
+
+
 def _ssd_and_gradient(disp, moving, fixed):
     """Mean over cells of sum over channels of (moving(x+disp) - fixed)^2, and its gradient wrt disp.
 
@@ -79,12 +90,9 @@ def _ssd_and_gradient(disp, moving, fixed):
     reductions over the channels instead of one per corner (eight short reductions took half a step).
     """
     shape = disp.shape[1:]
-    samples, weights = _corner_samples(disp, moving)
-    residual = sum((w[0] * w[1] * w[2])[..., None] * samples[k] for k, w in enumerate(weights)) - fixed
-    gradient = []
-    for axis in range(3):
-        slope = sum(s[..., None] * samples[k] for k, s in enumerate(_corner_slopes(weights, axis)))
-        gradient.append(jnp.sum(residual * slope, axis=-1))
+    warped, slopes = _interpolate(*_corner_samples(disp, moving))
+    residual = warped - fixed
+    gradient = [jnp.sum(residual * slope, axis=-1) for slope in slopes]
     count = float(shape[0] * shape[1] * shape[2])
     loss = jnp.sum(residual * residual) / count
     return loss, jnp.stack(gradient) * (2.0 / count)
@@ -130,8 +138,7 @@ def _intensity_loss_and_gradient(disp, moving, fixed_stats, weights):
     """
     ssd_weight, ncc_weight, window = weights
     fixed = fixed_stats[0]
-    samples, corner_axis_weights = _corner_samples(disp, moving)  # (8, x, y, z)
-    warped = sum(w[0] * w[1] * w[2] * samples[k] for k, w in enumerate(corner_axis_weights))
+    warped, slopes = _interpolate(*_corner_samples(disp, moving))
     loss, derivative = 0.0, 0.0
     if ssd_weight > 0:
         residual = warped - fixed
@@ -141,9 +148,7 @@ def _intensity_loss_and_gradient(disp, moving, fixed_stats, weights):
         lncc, d_lncc = _lncc_and_derivative(warped, fixed_stats, window)
         loss = loss + ncc_weight * lncc
         derivative = derivative + ncc_weight * d_lncc
-    gradient = [derivative * sum(slope * samples[k] for k, slope in enumerate(_corner_slopes(corner_axis_weights, a)))
-                for a in range(3)]
-    return loss, jnp.stack(gradient)
+    return loss, jnp.stack([derivative * slope for slope in slopes])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
