@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from .config import FineConfig, RefineConfig
+from .cpu_kernels import trilinear_with_slopes
 from .filters import SPATIAL, box_filter, forward_difference
 from .jacobians import det3
 from .warp import CORNERS, identity_grid, resize, trilinear_corners
@@ -81,6 +82,11 @@ def _interpolate(samples, weights):
     return value, slopes
 
 
+def _sample_with_slopes(disp, moving):
+    """The JAX path of :func:`cpu_kernels.trilinear_with_slopes` (GPU, TPU, CPU without a compiler)."""
+    return _interpolate(*_corner_samples(disp, moving))
+
+
 def _ssd_and_gradient(disp, moving, fixed):
     """Mean over cells of sum over channels of (moving(x+disp) - fixed)^2, and its gradient wrt disp.
 
@@ -90,7 +96,7 @@ def _ssd_and_gradient(disp, moving, fixed):
     reductions over the channels instead of one per corner (eight short reductions took half a step).
     """
     shape = disp.shape[1:]
-    warped, slopes = _interpolate(*_corner_samples(disp, moving))
+    warped, slopes = trilinear_with_slopes(disp, moving, _sample_with_slopes)
     residual = warped - fixed
     gradient = [jnp.sum(residual * slope, axis=-1) for slope in slopes]
     count = float(shape[0] * shape[1] * shape[2])
@@ -138,7 +144,7 @@ def _intensity_loss_and_gradient(disp, moving, fixed_stats, weights):
     """
     ssd_weight, ncc_weight, window = weights
     fixed = fixed_stats[0]
-    warped, slopes = _interpolate(*_corner_samples(disp, moving))
+    warped, slopes = trilinear_with_slopes(disp, moving, _sample_with_slopes)
     loss, derivative = 0.0, 0.0
     if ssd_weight > 0:
         residual = warped - fixed

@@ -1,0 +1,106 @@
+"""The C++ trilinear kernel computes what the JAX path computes, and jaxreg runs without it."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import ndimage
+
+import jaxreg  # noqa: F401
+from jaxreg import cpu_kernels
+from jaxreg.refine import _sample_with_slopes
+
+needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason=(
+    "the CPU kernel is not built here (no C++ compiler, or JAXREG_NATIVE=0): jaxreg runs its JAX path"))
+
+
+def _both_paths(disp, volume):
+    native = jax.jit(cpu_kernels._native_trilinear)(disp, volume)
+    reference = jax.jit(_sample_with_slopes)(disp, volume)
+    return [np.asarray(native[0])] + [np.asarray(s) for s in native[1]], \
+        [np.asarray(reference[0])] + [np.asarray(s) for s in reference[1]]
+
+
+@needs_kernel
+@pytest.mark.parametrize("volume_shape", [(6, 5, 8), (6, 5, 8, 1), (6, 5, 8, 13)])
+def test_kernel_matches_the_jax_path_inside_across_and_far_outside_the_grid(volume_shape):
+    rng = np.random.default_rng(0)
+    # the displacement grid differs from the volume's: the refinement samples cell grids too
+    disp = jnp.asarray(rng.normal(0, 3, (3, 5, 6, 7)), jnp.float32)
+    disp = disp.at[:, 0, 0, :].set(1e20).at[:, 1, 0, :].set(-7.5)  # far outside, just outside
+    volume = jnp.asarray(rng.random(volume_shape), jnp.float32)
+    native, reference = _both_paths(disp, volume)
+    for name, a, b in zip(["value", "d/dx", "d/dy", "d/dz"], native, reference):
+        assert a.shape == b.shape, name
+        np.testing.assert_allclose(a, b, atol=3e-7, err_msg=name)
+    assert np.all(native[0][0, 0] == 0.0)
+
+
+@needs_kernel
+def test_kernel_values_match_scipy_and_slopes_match_finite_differences():
+    rng = np.random.default_rng(1)
+    volume = rng.random((9, 10, 11)).astype(np.float32)
+    shape = (4, 5, 6)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")).astype(np.float32)
+    disp = rng.uniform(0.2, 3.7, (3,) + shape).astype(np.float32)  # stays inside [0, n-1]
+    value, slopes = jax.jit(cpu_kernels._native_trilinear)(jnp.asarray(disp), jnp.asarray(volume))
+    expected = ndimage.map_coordinates(volume.astype(np.float64), grid + disp, order=1)
+    np.testing.assert_allclose(value, expected, atol=1e-6)
+    for axis in range(3):
+        step = np.zeros((3, 1, 1, 1)); step[axis] = 1e-3
+        central = (ndimage.map_coordinates(volume.astype(np.float64), grid + disp + step, order=1)
+                   - ndimage.map_coordinates(volume.astype(np.float64), grid + disp - step, order=1)) / 2e-3
+        np.testing.assert_allclose(slopes[axis], central, atol=2e-3, err_msg=f"axis {axis}")
+
+
+@needs_kernel
+def test_kernel_gives_nan_for_a_non_finite_displacement_and_runs_under_vmap():
+    disp = jnp.zeros((3, 3, 3, 3), jnp.float32).at[1, 1, 1, 1].set(jnp.nan)
+    volume = jnp.arange(27.0, dtype=jnp.float32).reshape(3, 3, 3)
+    value, _ = jax.jit(cpu_kernels._native_trilinear)(disp, volume)
+    assert np.isnan(value[1, 1, 1]) and np.isnan(_sample_with_slopes(disp, volume)[0][1, 1, 1])
+    assert np.count_nonzero(np.isnan(value)) == 1
+    batch = jnp.stack([jnp.zeros((3, 3, 3, 3)), jnp.ones((3, 3, 3, 3))])
+    values, _ = jax.jit(jax.vmap(cpu_kernels._native_trilinear, in_axes=(0, None)))(batch, volume)
+    np.testing.assert_array_equal(values[0], volume)
+    np.testing.assert_allclose(values[1, :2, :2, :2], volume[1:, 1:, 1:])
+
+
+@needs_kernel
+def test_dispatch_puts_the_kernel_in_cpu_programs():
+    disp, volume = jnp.zeros((3, 4, 4, 4)), jnp.zeros((4, 4, 4))
+    program = jax.jit(lambda d, v: cpu_kernels.trilinear_with_slopes(d, v, _sample_with_slopes)).lower(disp, volume)
+    assert cpu_kernels.TARGET in program.as_text()
+
+
+def test_without_a_compiler_jaxreg_warns_once_and_takes_the_jax_path(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setenv("JAXREG_NATIVE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "_compiler", lambda: "/bin/false")  # a compiler that always fails
+    with caplog.at_level(logging.WARNING, logger="jaxreg.cpu_kernels"):
+        assert not cpu_kernels.available()
+        assert not cpu_kernels.available()
+    assert len(caplog.records) == 1 and "pure JAX path" in caplog.records[0].getMessage()
+    assert list(tmp_path.iterdir()) == []  # no half-written library left behind
+    disp, volume = jnp.zeros((3, 4, 4, 4)), jnp.ones((4, 4, 4))
+    program = jax.jit(lambda d, v: cpu_kernels.trilinear_with_slopes(d, v, _sample_with_slopes))
+    assert cpu_kernels.TARGET not in program.lower(disp, volume).as_text()
+    np.testing.assert_array_equal(program(disp, volume)[0], volume)
+
+
+def test_jaxreg_native_0_turns_the_kernel_off(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setenv("JAXREG_NATIVE", "0")
+    assert not cpu_kernels.available()
+
+
+@needs_kernel
+def test_the_library_is_built_once_and_reused(monkeypatch, tmp_path):
+    monkeypatch.setenv("JAXREG_NATIVE_DIR", str(tmp_path))
+    compiler = cpu_kernels._compiler()
+    first = cpu_kernels._build(compiler)
+    stamp = first.stat().st_mtime_ns
+    assert cpu_kernels._build(compiler) == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]
