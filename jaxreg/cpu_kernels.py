@@ -1,8 +1,10 @@
 """Hand-written CPU kernels inside the jitted programs (XLA FFI), with the pure JAX path beside them.
 
-XLA's CPU gather copies element by element, and the corner index it reads is a full-size pass of its
-own: the trilinear sampling with slopes that drives both refinement levels ran about twice as fast
-as a C++ loop (``cpu_kernels.cc``). The kernel is compiled with the system C++ compiler on first
+Two pieces of both refinement levels run faster as C++ loops (``cpu_kernels.cc``) than as XLA's CPU
+code: the trilinear sampling with slopes (XLA's gather copies element by element, and the corner
+index it reads is a full-size pass of its own) and the fold penalty's gradient (non-zero on a small
+fraction of the grid, which XLA evaluates everywhere), and the box filters (one read and one write instead
+of a pass per axis). The kernels are compiled with the system C++ compiler on first
 use and cached per source, jaxlib and compiler (``~/.cache/jaxreg/native``, or
 ``$JAXREG_NATIVE_DIR``). It serves only CPU programs: GPU and TPU programs, machines without a
 compiler, and ``JAXREG_NATIVE=0`` use the JAX path, which computes the same values (tested).
@@ -22,11 +24,12 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
-TARGET = "jaxreg_trilinear"
+TARGETS = {"jaxreg_trilinear": "JaxregTrilinear", "jaxreg_fold": "JaxregFold", "jaxreg_box": "JaxregBox"}
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")  # no -march=native: a cache shared by
 # cluster nodes with different CPUs must not hold instructions some of them lack
 
@@ -85,14 +88,15 @@ def available() -> bool:
             compiler = _compiler()
             if compiler is None:
                 log.warning("no C++ compiler found (set CXX): jaxreg uses its pure JAX CPU path, "
-                            "about 20 %% slower per pair")
+                            "about 30 %% slower per pair")
                 return False
             try:
                 library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
-                jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.JaxregTrilinear), platform="cpu")
+                for target, symbol in TARGETS.items():
+                    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
             except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as err:
                 log.warning("could not build jaxreg's CPU kernels (%s): using the pure JAX path, "
-                            "about 20 %% slower per pair", err)
+                            "about 30 %% slower per pair", err)
                 return False
             _state["library"] = library  # keep it loaded for as long as XLA may call it
             _state["ready"] = True
@@ -101,17 +105,46 @@ def available() -> bool:
 
 def _native_trilinear(disp: jnp.ndarray, volume: jnp.ndarray):
     shape = disp.shape[1:] + volume.shape[3:]
-    call = jax.ffi.ffi_call(TARGET, (jax.ShapeDtypeStruct(shape, jnp.float32),
-                                     jax.ShapeDtypeStruct((3,) + shape, jnp.float32)),
+    call = jax.ffi.ffi_call("jaxreg_trilinear", (jax.ShapeDtypeStruct(shape, jnp.float32),
+                                                 jax.ShapeDtypeStruct((3,) + shape, jnp.float32)),
                             vmap_method="sequential")
     value, slopes = call(disp.astype(jnp.float32), volume.astype(jnp.float32))
     return value, [slopes[0], slopes[1], slopes[2]]
 
 
+def _native_fold(disp: jnp.ndarray, margin: float):
+    shape = disp.shape[1:]
+    call = jax.ffi.ffi_call("jaxreg_fold", (jax.ShapeDtypeStruct(shape, jnp.float32),
+                                            jax.ShapeDtypeStruct(disp.shape, jnp.float32)),
+                            vmap_method="sequential")
+    shortfall, gradient = call(disp.astype(jnp.float32), margin=np.float32(margin))
+    count = float((shape[0] - 1) * (shape[1] - 1) * (shape[2] - 1))
+    return jnp.sum(shortfall * shortfall) / count, gradient
+
+
+def box_average(x: jnp.ndarray, size: int, axes, edge: bool) -> jnp.ndarray:
+    """The kernel's box average of odd width `size` along `axes` (a subset of the last three),
+    edge-replicated or zero-padded: what :func:`jaxreg.filters.box_filter` computes."""
+    mask = sum(1 << (a % x.ndim - (x.ndim - 3)) for a in axes)
+    volumes = x.reshape((-1,) + x.shape[-3:]).astype(jnp.float32)
+    call = jax.ffi.ffi_call("jaxreg_box", jax.ShapeDtypeStruct(volumes.shape, jnp.float32), vmap_method="sequential")
+    return call(volumes, size=np.int32(size), axes=np.int32(mask), edge=np.int32(edge)).reshape(x.shape)
+
+
+def on_cpu(native, jax_path, *args):
+    """`native` in CPU programs when the kernels are available, `jax_path` everywhere else."""
+    if not available():
+        return jax_path(*args)
+    return jax.lax.platform_dependent(*args, cpu=native, default=jax_path)
+
+
 def trilinear_with_slopes(disp: jnp.ndarray, volume: jnp.ndarray, jax_path):
     """(value, [d/dx, d/dy, d/dz]) of `volume` (X,Y,Z) or (X,Y,Z,C) sampled trilinearly at
-    ``x + disp(x)``, corners outside counting as 0: the kernel in CPU programs when it is available,
-    ``jax_path(disp, volume)`` (same result) everywhere else."""
-    if not available():
-        return jax_path(disp, volume)
-    return jax.lax.platform_dependent(disp, volume, cpu=_native_trilinear, default=jax_path)
+    ``x + disp(x)``, corners outside counting as 0; ``jax_path(disp, volume)`` computes the same."""
+    return on_cpu(_native_trilinear, jax_path, disp, volume)
+
+
+def fold_penalty_and_gradient(disp: jnp.ndarray, margin: float, jax_path):
+    """(mean over the common interior of ``relu(margin - det J)^2``, its gradient wrt `disp`), J the
+    forward-difference Jacobian of ``x + disp(x)``; ``jax_path(disp, margin)`` computes the same."""
+    return on_cpu(lambda d: _native_fold(d, margin), lambda d: jax_path(d, margin), disp)

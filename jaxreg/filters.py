@@ -7,7 +7,12 @@ here, see PERFORMANCE.md). All functions act on the last three axes unless told 
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
+
+from . import cpu_kernels
 
 SPATIAL = (-3, -2, -1)
 
@@ -36,8 +41,39 @@ def box_filter(x: jnp.ndarray, size: int = 3, axes=SPATIAL, mode: str = "zeros")
     """
     if size % 2 != 1:
         raise ValueError(f"box filter size must be odd, got {size}")
+    if mode not in ("zeros", "edge"):
+        raise ValueError(f"box filter mode must be 'zeros' or 'edge', got {mode!r}")
     if size == 1:
         return x
+    axes = tuple(sorted({a % x.ndim for a in axes}))
+    jax_path = functools.partial(_box_filter_jax, size=size, axes=axes, mode=mode)
+    if x.ndim < 3 or axes[0] < x.ndim - 3:  # the kernel filters the last three axes only
+        return jax_path(x)
+    return cpu_kernels.on_cpu(lambda v: _native_box(v, size, axes, mode), jax_path, x)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _native_box(x, size, axes, mode):
+    return cpu_kernels.box_average(x, size, axes, mode == "edge")
+
+
+def _native_box_forward(x, size, axes, mode):
+    return _native_box(x, size, axes, mode), (x if mode == "edge" else None)
+
+
+def _native_box_backward(size, axes, mode, x, cotangent):
+    """The zero-padded box average is its own transpose (symmetric window, fixed divisor); the
+    edge-replicated one is not, so its gradient comes from autodiff of the JAX path."""
+    if mode == "zeros":
+        return (_native_box(cotangent, size, axes, mode),)
+    return jax.vjp(functools.partial(_box_filter_jax, size=size, axes=axes, mode=mode), x)[1](cotangent)
+
+
+_native_box.defvjp(_native_box_forward, _native_box_backward)
+
+
+def _box_filter_jax(x: jnp.ndarray, size: int, axes, mode: str) -> jnp.ndarray:
+    """:func:`box_filter` as XLA code (GPU, TPU, CPU without the kernels; differentiated by autodiff)."""
     # Pad every axis once, then sum shifted slices: on CPU a pass that pads is ~2.5x slower than a
     # pass of plain slices (XLA checks the bounds per element). Padding first is exact for both modes,
     # as a sum along one axis commutes with padding along another.

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from .config import FineConfig, RefineConfig
-from .cpu_kernels import trilinear_with_slopes
+from .cpu_kernels import fold_penalty_and_gradient, trilinear_with_slopes
 from .filters import SPATIAL, box_filter, forward_difference
 from .jacobians import det3
 from .warp import CORNERS, identity_grid, resize, trilinear_corners
@@ -204,6 +204,11 @@ def _cross(a, b):
 
 
 def _fold_penalty_and_gradient(disp, margin):
+    """:func:`fold_penalty` and its gradient: the CPU kernel, or :func:`_fold_penalty_and_gradient_jax`."""
+    return fold_penalty_and_gradient(disp, margin, _fold_penalty_and_gradient_jax)
+
+
+def _fold_penalty_and_gradient_jax(disp, margin):
     """:func:`fold_penalty` and its gradient wrt `disp`, one component array at a time.
 
     Row a of J is the forward difference along axis a (+ e_a); the grid's last slab on each axis is
