@@ -74,6 +74,56 @@ inline void Combine(const float* s, float fx, float fy, float fz, float* value, 
   slope[2 * stride] = dz0 + fx * (dz1 - dz0);
 }
 
+// One row (fixed x, y) of the one-channel case, written without branches so that the compiler can
+// vectorise it with gathers: corner indices are clamped into the volume and the corners outside
+// are multiplied by 0. Same results as the general path below.
+void TrilinearRow(const float* __restrict__ ux, const float* __restrict__ uy,
+                                const float* __restrict__ uz, float x, float y, int64_t Z,
+                                const float* __restrict__ vol, int64_t VX, int64_t VY, int64_t VZ,
+                                float* __restrict__ value, float* __restrict__ slope_x,
+                                float* __restrict__ slope_y, float* __restrict__ slope_z) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float top_x = static_cast<float>(VX - 1), top_y = static_cast<float>(VY - 1), top_z = static_cast<float>(VZ - 1);
+  for (int32_t z = 0; z < static_cast<int32_t>(Z); ++z) {
+    const float px = x + ux[z], py = y + uy[z], pz = static_cast<float>(z) + uz[z];
+    const bool finite = (px - px == 0.f) & (py - py == 0.f) & (pz - pz == 0.f);  // false for NaN and inf
+    // far-away points are pulled to 4 voxels outside (all corners stay outside), then floored by an
+    // int32 round trip: std::floor is a library call without SSE4.1, which stops vectorisation
+    const float qx = std::min(std::max(finite ? px : -4.f, -4.f), top_x + 4.f);
+    const float qy = std::min(std::max(finite ? py : -4.f, -4.f), top_y + 4.f);
+    const float qz = std::min(std::max(finite ? pz : -4.f, -4.f), top_z + 4.f);
+    const float tx = static_cast<float>(static_cast<int32_t>(qx)), ty = static_cast<float>(static_cast<int32_t>(qy));
+    const float tz = static_cast<float>(static_cast<int32_t>(qz));
+    const float lx = tx - (tx > qx ? 1.f : 0.f), ly = ty - (ty > qy ? 1.f : 0.f), lz = tz - (tz > qz ? 1.f : 0.f);
+    const float fx = qx - lx, fy = qy - ly, fz = qz - lz;
+    // per axis: is the low / high corner inside, and its index clamped into the volume
+    const float in_x0 = (lx >= 0.f) & (lx <= top_x), in_x1 = (lx >= -1.f) & (lx <= top_x - 1.f);
+    const float in_y0 = (ly >= 0.f) & (ly <= top_y), in_y1 = (ly >= -1.f) & (ly <= top_y - 1.f);
+    const float in_z0 = (lz >= 0.f) & (lz <= top_z), in_z1 = (lz >= -1.f) & (lz <= top_z - 1.f);
+    const int32_t x0 = static_cast<int32_t>(std::min(std::max(lx, 0.f), top_x));
+    const int32_t x1 = static_cast<int32_t>(std::min(std::max(lx + 1.f, 0.f), top_x));
+    const int32_t y0 = static_cast<int32_t>(std::min(std::max(ly, 0.f), top_y));
+    const int32_t y1 = static_cast<int32_t>(std::min(std::max(ly + 1.f, 0.f), top_y));
+    const int32_t z0 = static_cast<int32_t>(std::min(std::max(lz, 0.f), top_z));
+    const int32_t z1 = static_cast<int32_t>(std::min(std::max(lz + 1.f, 0.f), top_z));
+    const int32_t vy = static_cast<int32_t>(VY), vz = static_cast<int32_t>(VZ);  // volumes under 2^31 voxels
+    const int32_t r00 = (x0 * vy + y0) * vz, r01 = (x0 * vy + y1) * vz, r10 = (x1 * vy + y0) * vz, r11 = (x1 * vy + y1) * vz;
+    const float s[8] = {vol[r00 + z0] * (in_x0 * in_y0 * in_z0), vol[r00 + z1] * (in_x0 * in_y0 * in_z1),
+                        vol[r01 + z0] * (in_x0 * in_y1 * in_z0), vol[r01 + z1] * (in_x0 * in_y1 * in_z1),
+                        vol[r10 + z0] * (in_x1 * in_y0 * in_z0), vol[r10 + z1] * (in_x1 * in_y0 * in_z1),
+                        vol[r11 + z0] * (in_x1 * in_y1 * in_z0), vol[r11 + z1] * (in_x1 * in_y1 * in_z1)};
+    const float dz00 = s[1] - s[0], dz01 = s[3] - s[2], dz10 = s[5] - s[4], dz11 = s[7] - s[6];
+    const float c00 = s[0] + fz * dz00, c01 = s[2] + fz * dz01, c10 = s[4] + fz * dz10, c11 = s[6] + fz * dz11;
+    const float dy0 = c01 - c00, dy1 = c11 - c10;
+    const float c0 = c00 + fy * dy0, c1 = c10 + fy * dy1;
+    const float dz0 = dz00 + fy * (dz01 - dz00), dz1 = dz10 + fy * (dz11 - dz10);
+    value[z] = finite ? c0 + fx * (c1 - c0) : nan;
+    slope_x[z] = finite ? c1 - c0 : nan;
+    slope_y[z] = finite ? dy0 + fx * (dy1 - dy0) : nan;
+    slope_z[z] = finite ? dz0 + fx * (dz1 - dz0) : nan;
+  }
+}
+
 // value (X,Y,Z,C) and slopes (3,X,Y,Z,C) of volume (VX,VY,VZ,C) at x + disp(x); disp (3,X,Y,Z) in
 // voxels. Corners outside the volume count as 0 (jaxreg.warp's "zeros" mode); a non-finite
 // displacement gives NaN. kChannels > 0 fixes C at compile time (0: read it from the shape).
@@ -97,6 +147,12 @@ ffi::Error Trilinear(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& disp, ffi::Bu
       const float* ux = u + xy * Z;
       const float* uy = ux + N;
       const float* uz = uy + N;
+      if (kChannels == 1) {
+        float* row = out + xy * Z;
+        float* row_slope = slope + xy * Z;
+        TrilinearRow(ux, uy, uz, x, y, Z, vol, VX, VY, VZ, row, row_slope, row_slope + N, row_slope + 2 * N);
+        continue;
+      }
       for (int64_t z = 0; z < Z; ++z) {
         const int64_t at = (xy * Z + z) * C;
         const float px = x + ux[z], py = y + uy[z], pz = static_cast<float>(z) + uz[z];
@@ -163,6 +219,29 @@ inline float Det(const float r[3][3]) {
          r[2][0] * (r[0][1] * r[1][2] - r[0][2] * r[1][1]);
 }
 
+// relu(margin - det J) along one row inside the common interior (the row's last voxel gets 0).
+// `u` points at the row's first voxel of component 0; components are N apart.
+void ShortfallRow(const float* __restrict__ u, int64_t N, int64_t step_x, int64_t step_y, int64_t Z, float margin,
+                  float* __restrict__ out) {
+  const float* __restrict__ u0 = u;
+  const float* __restrict__ u1 = u + N;
+  const float* __restrict__ u2 = u + 2 * N;
+  for (int64_t z = 0; z < Z - 1; ++z) {
+    const float r[3][3] = {
+        {u0[z + step_x] - u0[z] + 1.f, u1[z + step_x] - u1[z], u2[z + step_x] - u2[z]},
+        {u0[z + step_y] - u0[z], u1[z + step_y] - u1[z] + 1.f, u2[z + step_y] - u2[z]},
+        {u0[z + 1] - u0[z], u1[z + 1] - u1[z], u2[z + 1] - u2[z] + 1.f}};
+    out[z] = std::max(margin - Det(r), 0.f);
+  }
+  out[Z - 1] = 0.f;
+}
+
+bool RowHasPositive(const float* row, int64_t n) {
+  float largest = 0.f;
+  for (int64_t i = 0; i < n; ++i) largest = std::max(largest, row[i]);
+  return largest > 0.f;
+}
+
 // shortfall (X,Y,Z) = relu(margin - det J) on the common interior (0 on each axis's last slab), and
 // the gradient (3,X,Y,Z) of mean(shortfall^2) over the interior wrt disp (3,X,Y,Z). With
 // F_a = -2 shortfall / count * (cofactor row a), gradient_c(v) = sum_a F_a,c(v - e_a) - F_a,c(v):
@@ -180,15 +259,10 @@ ffi::Error FoldImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> disp, float marg
   ParallelFor(pool, X * Y, 8, [=](int64_t begin, int64_t end) {
     for (int64_t xy = begin; xy < end; ++xy) {
       const int64_t x = xy / Y, y = xy % Y;
-      for (int64_t z = 0; z < Z; ++z) {
-        const int64_t v = xy * Z + z;
-        float value = 0.f;
-        if (x < X - 1 && y < Y - 1 && z < Z - 1) {
-          float r[3][3];
-          Rows(u, N, v, step, r);
-          value = std::max(margin - Det(r), 0.f);
-        }
-        s[v] = value;
+      if (x < X - 1 && y < Y - 1) {
+        ShortfallRow(u + xy * Z, N, step[0], step[1], Z, margin, s + xy * Z);
+      } else {
+        std::fill(s + xy * Z, s + (xy + 1) * Z, 0.f);
       }
     }
   });
@@ -205,6 +279,14 @@ ffi::Error FoldImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> disp, float marg
   ParallelFor(pool, X * Y, 8, [=](int64_t begin, int64_t end) {
     for (int64_t xy = begin; xy < end; ++xy) {
       const int64_t position[2] = {xy / Y, xy % Y};
+      // most rows see no shortfall here, on the row before along y or on the one before along x
+      const float* here = s + xy * Z;
+      const bool any = RowHasPositive(here, Z) || (position[1] > 0 && RowHasPositive(here - step[1], Z)) ||
+                       (position[0] > 0 && RowHasPositive(here - step[0], Z));
+      if (!any) {
+        for (int c = 0; c < 3; ++c) std::fill(g + c * N + xy * Z, g + c * N + (xy + 1) * Z, 0.f);
+        continue;
+      }
       for (int64_t z = 0; z < Z; ++z) {
         const int64_t v = xy * Z + z;
         const int64_t coordinate[3] = {position[0], position[1], z};
@@ -228,7 +310,7 @@ ffi::Error FoldImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> disp, float marg
 
 // out[i] = scale * sum over k in [0, 2r] of in[i * width + k * width + w] for w < width: a window sum
 // along rows of `width` values (width 1: along one row). `in` holds n + 2r rows, padding included.
-inline void WindowSum(const float* in, float* out, int64_t n, int r, int64_t width, float scale) {
+void WindowSum(const float* in, float* out, int64_t n, int r, int64_t width, float scale) {
   const int64_t count = n * width;
   std::copy(in, in + count, out);
   for (int k = 1; k <= 2 * r; ++k) {
@@ -240,13 +322,27 @@ inline void WindowSum(const float* in, float* out, int64_t n, int r, int64_t wid
   }
 }
 
+constexpr int kMaxRadius = 16;
+
+// out = scale * the sum of `count` planes of n values (scale 1 for a single plane).
+void PlaneSum(const float* const* planes, int count, int64_t n, float scale, float* out) {
+  std::copy(planes[0], planes[0] + n, out);
+  for (int k = 1; k < count; ++k) {
+    const float* q = planes[k];
+    for (int64_t i = 0; i < n; ++i) out[i] += q[i];
+  }
+  if (count > 1) {
+    for (int64_t i = 0; i < n; ++i) out[i] *= scale;
+  }
+}
+
 // x (B,X,Y,Z) -> the same shape, box-averaged with half-width r along the axes whose bit is set in
 // `axes` (1: X, 2: Y, 4: Z); `edge` replicates the border, otherwise zeros pad it.
 ffi::Error BoxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> input, int32_t size, int32_t axes, int32_t edge,
                    ffi::ResultBuffer<ffi::F32> output) {
   const auto d = input.dimensions();
-  if (d.size() != 4 || size < 1 || size % 2 != 1) {
-    return ffi::Error::InvalidArgument("jaxreg_box: input must be (B,X,Y,Z) and size odd");
+  if (d.size() != 4 || size < 1 || size % 2 != 1 || size > 2 * kMaxRadius + 1) {
+    return ffi::Error::InvalidArgument("jaxreg_box: input must be (B,X,Y,Z) and size odd, at most 33");
   }
   const int64_t B = d[0], X = d[1], Y = d[2], Z = d[3], plane = Y * Z;
   const int rx = (axes & 1) ? size / 2 : 0, ry = (axes & 2) ? size / 2 : 0, rz = (axes & 4) ? size / 2 : 0;
@@ -298,16 +394,9 @@ ffi::Error BoxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> input, int32_t si
       for (int64_t p = x0 - rx; p < x0 + rx; ++p) filter_plane(p);
       for (int64_t x = x0; x < x1; ++x) {
         filter_plane(x + rx);
-        float* o = out + (b * X + x) * plane;
-        const float* first = ring.data() + ((x - rx + ring_size * X) % ring_size) * plane;
-        std::copy(first, first + plane, o);
-        for (int k = -rx + 1; k <= rx; ++k) {
-          const float* q = ring.data() + ((x + k + ring_size * X) % ring_size) * plane;
-          for (int64_t i = 0; i < plane; ++i) o[i] += q[i];
-        }
-        if (rx > 0) {
-          for (int64_t i = 0; i < plane; ++i) o[i] *= sx;
-        }
+        const float* planes[2 * kMaxRadius + 1];
+        for (int k = -rx; k <= rx; ++k) planes[k + rx] = ring.data() + ((x + k + ring_size * X) % ring_size) * plane;
+        PlaneSum(planes, ring_size, plane, sx, out + (b * X + x) * plane);
       }
     }
   });

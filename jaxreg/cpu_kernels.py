@@ -5,7 +5,7 @@ code: the trilinear sampling with slopes (XLA's gather copies element by element
 index it reads is a full-size pass of its own) and the fold penalty's gradient (non-zero on a small
 fraction of the grid, which XLA evaluates everywhere), and the box filters (one read and one write instead
 of a pass per axis). The kernels are compiled with the system C++ compiler on first
-use and cached per source, jaxlib and compiler (``~/.cache/jaxreg/native``, or
+use and cached per source, jaxlib, compiler and CPU (``~/.cache/jaxreg/native``, or
 ``$JAXREG_NATIVE_DIR``). It serves only CPU programs: GPU and TPU programs, machines without a
 compiler, and ``JAXREG_NATIVE=0`` use the JAX path, which computes the same values (tested).
 """
@@ -16,6 +16,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -30,8 +31,10 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 TARGETS = {"jaxreg_trilinear": "JaxregTrilinear", "jaxreg_fold": "JaxregFold", "jaxreg_box": "JaxregBox"}
-FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")  # no -march=native: a cache shared by
-# cluster nodes with different CPUs must not hold instructions some of them lack
+# -march=native vectorises the sampling loop (gathers); the cache key holds the CPU's features, so a
+# cache shared by cluster nodes keeps one library per kind of CPU. -fno-trapping-math lets the
+# compiler turn the loop's selects into blends; no result depends on floating-point traps.
+FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC", "-w")
 
 _lock = threading.Lock()
 _state: dict = {}  # "ready": bool once decided; "library": the loaded ctypes library
@@ -46,12 +49,23 @@ def _cache_folder() -> Path:
     return Path(folder) if folder else Path.home() / ".cache" / "jaxreg" / "native"
 
 
+def _cpu_identity() -> bytes:
+    """What -march=native depends on: the machine and, on Linux, the CPU's model and feature flags."""
+    identity = platform.machine()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        identity += "".join(sorted({line for line in lines if line.startswith(("flags", "model name", "Features"))}))
+    except OSError:
+        identity += platform.processor()
+    return identity.encode()
+
+
 def _build(compiler: str) -> Path:
-    """The shared library for this source, jaxlib and compiler, compiled unless already cached."""
+    """The shared library for this source, jaxlib, compiler and CPU, compiled unless already cached."""
     import jaxlib
 
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), jaxlib.__version__.encode(),
-                                     compiler.encode(), " ".join(FLAGS).encode()])).hexdigest()[:16]
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), jaxlib.__version__.encode(), compiler.encode(),
+                                     " ".join(FLAGS).encode(), _cpu_identity()])).hexdigest()[:16]
     folder = _cache_folder()
     try:
         folder.mkdir(parents=True, exist_ok=True)
