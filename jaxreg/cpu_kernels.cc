@@ -308,31 +308,61 @@ ffi::Error FoldImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> disp, float marg
   return ffi::Error::Success();
 }
 
-// out[i] = scale * sum over k in [0, 2r] of in[i * width + k * width + w] for w < width: a window sum
-// along rows of `width` values (width 1: along one row). `in` holds n + 2r rows, padding included.
-void WindowSum(const float* in, float* out, int64_t n, int r, int64_t width, float scale) {
-  const int64_t count = n * width;
-  std::copy(in, in + count, out);
-  for (int k = 1; k <= 2 * r; ++k) {
-    const float* q = in + k * width;
-    for (int64_t i = 0; i < count; ++i) out[i] += q[i];
-  }
-  if (r > 0) {
-    for (int64_t i = 0; i < count; ++i) out[i] *= scale;
+constexpr int kMaxRadius = 16;
+
+// out[i] = scale * (terms[0][i] + ... + terms[K-1][i]): one pass, K fixed so that it vectorises.
+template <int K>
+void SumOf(const float* const* terms, int64_t n, float scale, float* __restrict__ out) {
+  for (int64_t i = 0; i < n; ++i) {
+    float total = terms[0][i];
+#pragma GCC unroll 8
+    for (int k = 1; k < K; ++k) total += terms[k][i];
+    out[i] = total * scale;
   }
 }
 
-constexpr int kMaxRadius = 16;
-
-// out = scale * the sum of `count` planes of n values (scale 1 for a single plane).
-void PlaneSum(const float* const* planes, int count, int64_t n, float scale, float* out) {
-  std::copy(planes[0], planes[0] + n, out);
+// The same for any number of terms (zero terms: zeros).
+void Sum(const float* const* terms, int count, int64_t n, float scale, float* out) {
+  switch (count) {
+    case 1: return SumOf<1>(terms, n, scale, out);
+    case 2: return SumOf<2>(terms, n, scale, out);
+    case 3: return SumOf<3>(terms, n, scale, out);
+    case 4: return SumOf<4>(terms, n, scale, out);
+    case 5: return SumOf<5>(terms, n, scale, out);
+    default: break;
+  }
+  if (count == 0) {
+    std::fill(out, out + n, 0.f);
+    return;
+  }
+  SumOf<1>(terms, n, 1.f, out);
   for (int k = 1; k < count; ++k) {
-    const float* q = planes[k];
+    const float* q = terms[k];
     for (int64_t i = 0; i < n; ++i) out[i] += q[i];
   }
-  if (count > 1) {
-    for (int64_t i = 0; i < n; ++i) out[i] *= scale;
+  for (int64_t i = 0; i < n; ++i) out[i] *= scale;
+}
+
+// The window sums of one row of n values, half-width r: interior voxels in one vectorised pass,
+// the r voxels at each end with the padding (edge: the end value; zeros: nothing).
+void RowWindow(const float* row, int64_t n, int r, bool edge, float scale, float* out) {
+  if (r == 0) {
+    std::copy(row, row + n, out);
+    return;
+  }
+  const float* terms[2 * kMaxRadius + 1];
+  if (n > 2 * r) {
+    for (int k = 0; k <= 2 * r; ++k) terms[k] = row + k;
+    Sum(terms, 2 * r + 1, n - 2 * r, scale, out + r);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    if (i == r && n > 2 * r) i = n - r;  // the interior is done
+    float total = 0.f;
+    for (int64_t j = i - r; j <= i + r; ++j) {
+      if (j >= 0 && j < n) total += row[j];
+      else if (edge) total += row[j < 0 ? 0 : n - 1];
+    }
+    out[i] = total * scale;
   }
 }
 
@@ -353,50 +383,36 @@ ffi::Error BoxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> input, int32_t si
   const int64_t chunks_per_volume = (X + chunk - 1) / chunk;
   ParallelFor(pool, B * chunks_per_volume, 1, [=](int64_t begin, int64_t end) {
     const int ring_size = 2 * rx + 1;
-    std::vector<float> ring(ring_size * plane), padded_rows((Y + 2 * ry) * Z), padded_row(Z + 2 * rz);
+    std::vector<float> ring(ring_size * plane), rows(plane);
+    const float* terms[2 * kMaxRadius + 1];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks_per_volume, x0 = (task % chunks_per_volume) * chunk;
       const int64_t x1 = std::min(X, x0 + chunk);
       const float* volume = in + b * X * plane;
-      // the y and z filtered plane p (edge: clamped into the volume; zeros: 0 outside) into its slot
+      auto slot = [&](int64_t p) { return ring.data() + ((p + ring_size * X) % ring_size) * plane; };
+      // plane p (0 <= p < X) filtered along z, then y, into its ring slot
       auto filter_plane = [&](int64_t p) {
-        float* slot = ring.data() + ((p + ring_size * X) % ring_size) * plane;
-        if (p < 0 || p >= X) {
-          if (!edge) {
-            std::fill(slot, slot + plane, 0.f);
-            return;
-          }
-          p = std::clamp<int64_t>(p, 0, X - 1);
-        }
         const float* source = volume + p * plane;
+        for (int64_t y = 0; y < Y; ++y) RowWindow(source + y * Z, Z, rz, edge, sz, rows.data() + y * Z);
+        float* target = slot(p);
         for (int64_t y = 0; y < Y; ++y) {
-          const float* row = source + y * Z;
-          std::copy(row, row + Z, padded_row.begin() + rz);
-          for (int k = 0; k < rz; ++k) {
-            padded_row[k] = edge ? row[0] : 0.f;
-            padded_row[rz + Z + k] = edge ? row[Z - 1] : 0.f;
+          int count = 0;
+          for (int64_t j = y - ry; j <= y + ry; ++j) {
+            if (j >= 0 && j < Y) terms[count++] = rows.data() + j * Z;
+            else if (edge) terms[count++] = rows.data() + (j < 0 ? 0 : Y - 1) * Z;
           }
-          WindowSum(padded_row.data(), padded_rows.data() + (y + ry) * Z, Z, rz, 1, sz);
+          Sum(terms, count, Z, sy, target + y * Z);
         }
-        for (int k = 0; k < ry; ++k) {
-          float* top = padded_rows.data() + k * Z;
-          float* bottom = padded_rows.data() + (ry + Y + k) * Z;
-          if (edge) {
-            std::copy(padded_rows.data() + ry * Z, padded_rows.data() + (ry + 1) * Z, top);
-            std::copy(padded_rows.data() + (ry + Y - 1) * Z, padded_rows.data() + (ry + Y) * Z, bottom);
-          } else {
-            std::fill(top, top + Z, 0.f);
-            std::fill(bottom, bottom + Z, 0.f);
-          }
-        }
-        WindowSum(padded_rows.data(), slot, Y, ry, Z, sy);
       };
-      for (int64_t p = x0 - rx; p < x0 + rx; ++p) filter_plane(p);
+      for (int64_t p = std::max<int64_t>(x0 - rx, 0); p < std::min(x0 + rx, X); ++p) filter_plane(p);
       for (int64_t x = x0; x < x1; ++x) {
-        filter_plane(x + rx);
-        const float* planes[2 * kMaxRadius + 1];
-        for (int k = -rx; k <= rx; ++k) planes[k + rx] = ring.data() + ((x + k + ring_size * X) % ring_size) * plane;
-        PlaneSum(planes, ring_size, plane, sx, out + (b * X + x) * plane);
+        if (x + rx < X) filter_plane(x + rx);
+        int count = 0;
+        for (int64_t p = x - rx; p <= x + rx; ++p) {
+          if (p >= 0 && p < X) terms[count++] = slot(p);
+          else if (edge) terms[count++] = slot(p < 0 ? 0 : X - 1);
+        }
+        Sum(terms, count, plane, sx, out + (b * X + x) * plane);
       }
     }
   });
