@@ -4,6 +4,9 @@
 // axis, from one read of the eight corners. XLA's CPU gather copies element by element and the
 // corner index it needs is itself a full-size pass; this loop does both in one sweep.
 //
+// jaxreg_warped_ssd: the feature level's SSD and its gradient from the same samples, reduced over
+// the channels in the loop: the warped channels and their slopes (4 x 13 channels) are never written.
+//
 // jaxreg_fold: the fold penalty relu(margin - det J)^2 per voxel and its gradient. XLA evaluates
 // the cofactors and their nine fluxes at every voxel; they are non-zero only where det J < margin,
 // a small fraction of the grid, so this kernel computes them there alone.
@@ -187,6 +190,95 @@ ffi::Error Trilinear(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& disp, ffi::Bu
           }
           Combine(s, fx, fy, fz, out + at + c, slope + at + c, N * C);
         }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+constexpr int64_t kMaxChannels = 64;
+
+// The eight corners of channel c..c+C of `vol` around the point whose low corner is `corner`
+// (inside the volume), combined per channel: value and derivative along each axis.
+void CombineChannels(const float* __restrict__ corner, int64_t C, int64_t sx, int64_t sy, int64_t sz, float fx,
+                     float fy, float fz, float* __restrict__ value, float* __restrict__ dx, float* __restrict__ dy,
+                     float* __restrict__ dz) {
+  for (int64_t c = 0; c < C; ++c) {
+    const float s0 = corner[c], s1 = corner[sz + c], s2 = corner[sy + c], s3 = corner[sy + sz + c];
+    const float s4 = corner[sx + c], s5 = corner[sx + sz + c], s6 = corner[sx + sy + c], s7 = corner[sx + sy + sz + c];
+    const float dz00 = s1 - s0, dz01 = s3 - s2, dz10 = s5 - s4, dz11 = s7 - s6;
+    const float c00 = s0 + fz * dz00, c01 = s2 + fz * dz01, c10 = s4 + fz * dz10, c11 = s6 + fz * dz11;
+    const float dy0 = c01 - c00, dy1 = c11 - c10;
+    const float c0 = c00 + fy * dy0, c1 = c10 + fy * dy1;
+    const float dz0 = dz00 + fy * (dz01 - dz00), dz1 = dz10 + fy * (dz11 - dz10);
+    value[c] = c0 + fx * (c1 - c0);
+    dx[c] = c1 - c0;
+    dy[c] = dy0 + fx * (dy1 - dy0);
+    dz[c] = dz0 + fx * (dz1 - dz0);
+  }
+}
+
+// The feature SSD's integrand and gradient without writing the warped channels:
+// loss (X,Y,Z) = sum_c (m_c(x + disp) - f_c(x))^2 and gradient (3,X,Y,Z) = 2 sum_c (m_c - f_c) d m_c / d x_a,
+// for moving and fixed (X,Y,Z,C), C <= 64, zeros outside; NaN for a non-finite displacement.
+ffi::Error WarpedSsdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> disp, ffi::Buffer<ffi::F32> moving,
+                         ffi::Buffer<ffi::F32> fixed, ffi::ResultBuffer<ffi::F32> loss,
+                         ffi::ResultBuffer<ffi::F32> gradient) {
+  const auto d = disp.dimensions();
+  const auto m = moving.dimensions();
+  if (d.size() != 4 || d[0] != 3 || m.size() != 4 || m[3] > kMaxChannels) {
+    return ffi::Error::InvalidArgument("jaxreg_warped_ssd: disp (3,X,Y,Z), moving and fixed (X,Y,Z,C<=64)");
+  }
+  const int64_t X = d[1], Y = d[2], Z = d[3], N = X * Y * Z;
+  const int64_t VX = m[0], VY = m[1], VZ = m[2], C = m[3];
+  const int64_t sz = C, sy = VZ * C, sx = VY * VZ * C;
+  const float* u = disp.typed_data();
+  const float* vol = moving.typed_data();
+  const float* target = fixed.typed_data();
+  float* out = loss->typed_data();
+  float* g = gradient->typed_data();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  ParallelFor(pool, X * Y, 8, [=](int64_t begin, int64_t end) {
+    float value[kMaxChannels], dx[kMaxChannels], dy[kMaxChannels], dz[kMaxChannels], s[8];
+    for (int64_t xy = begin; xy < end; ++xy) {
+      const float x = static_cast<float>(xy / Y), y = static_cast<float>(xy % Y);
+      for (int64_t z = 0; z < Z; ++z) {
+        const int64_t v = xy * Z + z;
+        const float px = x + u[v], py = y + u[N + v], pz = static_cast<float>(z) + u[2 * N + v];
+        if (!(std::isfinite(px) && std::isfinite(py) && std::isfinite(pz))) {
+          out[v] = g[v] = g[N + v] = g[2 * N + v] = nan;
+          continue;
+        }
+        const float lx = std::floor(px), ly = std::floor(py), lz = std::floor(pz);
+        const float fx = px - lx, fy = py - ly, fz = pz - lz;
+        if (lx >= 0.f && lx <= VX - 2 && ly >= 0.f && ly <= VY - 2 && lz >= 0.f && lz <= VZ - 2) {
+          const float* corner = vol + ((static_cast<int64_t>(lx) * VY + static_cast<int64_t>(ly)) * VZ +
+                                       static_cast<int64_t>(lz)) * C;
+          CombineChannels(corner, C, sx, sy, sz, fx, fy, fz, value, dx, dy, dz);
+        } else {
+          const int64_t i0 = static_cast<int64_t>(std::clamp(lx, -2.f, static_cast<float>(VX)));
+          const int64_t j0 = static_cast<int64_t>(std::clamp(ly, -2.f, static_cast<float>(VY)));
+          const int64_t k0 = static_cast<int64_t>(std::clamp(lz, -2.f, static_cast<float>(VZ)));
+          for (int64_t c = 0; c < C; ++c) {
+            for (int q = 0; q < 8; ++q) {
+              const int64_t i = i0 + (q >> 2), j = j0 + ((q >> 1) & 1), k = k0 + (q & 1);
+              const bool inside = i >= 0 && i < VX && j >= 0 && j < VY && k >= 0 && k < VZ;
+              s[q] = inside ? vol[((i * VY + j) * VZ + k) * C + c] : 0.f;
+            }
+            float slope[3];
+            Combine(s, fx, fy, fz, value + c, slope, 1);
+            dx[c] = slope[0], dy[c] = slope[1], dz[c] = slope[2];
+          }
+        }
+        const float* f = target + v * C;
+        float total = 0.f, g0 = 0.f, g1 = 0.f, g2 = 0.f;
+        for (int64_t c = 0; c < C; ++c) {
+          const float r = value[c] - f[c];
+          total += r * r;
+          g0 += r * dx[c], g1 += r * dy[c], g2 += r * dz[c];
+        }
+        out[v] = total;
+        g[v] = 2.f * g0, g[N + v] = 2.f * g1, g[2 * N + v] = 2.f * g2;
       }
     }
   });
@@ -444,4 +536,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxregBox, BoxImpl,
                                   .Attr<int32_t>("size")
                                   .Attr<int32_t>("axes")
                                   .Attr<int32_t>("edge")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxregWarpedSsd, WarpedSsdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,13 +1,18 @@
 """Hand-written CPU kernels inside the jitted programs (XLA FFI), with the pure JAX path beside them.
 
-Two pieces of both refinement levels run faster as C++ loops (``cpu_kernels.cc``) than as XLA's CPU
-code: the trilinear sampling with slopes (XLA's gather copies element by element, and the corner
-index it reads is a full-size pass of its own) and the fold penalty's gradient (non-zero on a small
-fraction of the grid, which XLA evaluates everywhere), and the box filters (one read and one write instead
-of a pass per axis). The kernels are compiled with the system C++ compiler on first
-use and cached per source, jaxlib, compiler and CPU (``~/.cache/jaxreg/native``, or
-``$JAXREG_NATIVE_DIR``). It serves only CPU programs: GPU and TPU programs, machines without a
-compiler, and ``JAXREG_NATIVE=0`` use the JAX path, which computes the same values (tested).
+Four pieces of the pipeline run several times faster as C++ loops (``cpu_kernels.cc``) than as XLA's
+CPU code:
+
+- the trilinear sampling with slopes of the full-resolution level (XLA's gather copies element by
+  element, and the corner index it reads is a full-size pass of its own);
+- the feature level's SSD and gradient, reduced over the channels in the same loop;
+- the fold penalty's gradient (non-zero on a small part of the grid, which XLA evaluates everywhere);
+- box filters (one read and one write, where XLA makes a pass per axis).
+
+They are compiled with the system C++ compiler on first use and cached per source, jaxlib, compiler
+and CPU (``~/.cache/jaxreg/native``, or ``$JAXREG_NATIVE_DIR``). They serve CPU programs only: GPU
+and TPU programs, machines without a compiler and ``JAXREG_NATIVE=0`` take the JAX path, which
+computes the same values (tested).
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
-TARGETS = {"jaxreg_trilinear": "JaxregTrilinear", "jaxreg_fold": "JaxregFold", "jaxreg_box": "JaxregBox"}
+TARGETS = {"jaxreg_trilinear": "JaxregTrilinear", "jaxreg_warped_ssd": "JaxregWarpedSsd", "jaxreg_fold": "JaxregFold",
+           "jaxreg_box": "JaxregBox"}
 # -march=native vectorises the sampling loop (gathers); the cache key holds the CPU's features, so a
 # cache shared by cluster nodes keeps one library per kind of CPU. -fno-trapping-math lets the
 # compiler turn the loop's selects into blends; no result depends on floating-point traps.
@@ -126,6 +132,16 @@ def _native_trilinear(disp: jnp.ndarray, volume: jnp.ndarray):
     return value, [slopes[0], slopes[1], slopes[2]]
 
 
+def _native_warped_ssd(disp: jnp.ndarray, moving: jnp.ndarray, fixed: jnp.ndarray):
+    shape = disp.shape[1:]
+    call = jax.ffi.ffi_call("jaxreg_warped_ssd", (jax.ShapeDtypeStruct(shape, jnp.float32),
+                                                  jax.ShapeDtypeStruct(disp.shape, jnp.float32)),
+                            vmap_method="sequential")
+    per_cell, gradient = call(disp.astype(jnp.float32), moving.astype(jnp.float32), fixed.astype(jnp.float32))
+    count = float(shape[0] * shape[1] * shape[2])
+    return jnp.sum(per_cell) / count, gradient * (1.0 / count)
+
+
 def _native_fold(disp: jnp.ndarray, margin: float):
     shape = disp.shape[1:]
     call = jax.ffi.ffi_call("jaxreg_fold", (jax.ShapeDtypeStruct(shape, jnp.float32),
@@ -156,6 +172,14 @@ def trilinear_with_slopes(disp: jnp.ndarray, volume: jnp.ndarray, jax_path):
     """(value, [d/dx, d/dy, d/dz]) of `volume` (X,Y,Z) or (X,Y,Z,C) sampled trilinearly at
     ``x + disp(x)``, corners outside counting as 0; ``jax_path(disp, volume)`` computes the same."""
     return on_cpu(_native_trilinear, jax_path, disp, volume)
+
+
+def warped_ssd_and_gradient(disp: jnp.ndarray, moving: jnp.ndarray, fixed: jnp.ndarray, jax_path):
+    """(mean over cells of sum over channels of (moving(x + disp) - fixed)^2, its gradient wrt disp),
+    moving and fixed (X,Y,Z,C) with C <= 64; ``jax_path(disp, moving, fixed)`` computes the same."""
+    if moving.ndim != 4 or moving.shape[-1] > 64:
+        return jax_path(disp, moving, fixed)
+    return on_cpu(_native_warped_ssd, jax_path, disp, moving, fixed)
 
 
 def fold_penalty_and_gradient(disp: jnp.ndarray, margin: float, jax_path):

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from .config import FineConfig, RefineConfig
-from .cpu_kernels import fold_penalty_and_gradient, trilinear_with_slopes
+from .cpu_kernels import fold_penalty_and_gradient, trilinear_with_slopes, warped_ssd_and_gradient
 from .filters import SPATIAL, box_filter, forward_difference
 from .jacobians import det3
 from .warp import CORNERS, identity_grid, resize, trilinear_corners
@@ -88,6 +88,11 @@ def _sample_with_slopes(disp, moving):
 
 
 def _ssd_and_gradient(disp, moving, fixed):
+    """:func:`warped_ssd`'s value and gradient: the CPU kernel, or :func:`_ssd_and_gradient_jax`."""
+    return warped_ssd_and_gradient(disp, moving, fixed, _ssd_and_gradient_jax)
+
+
+def _ssd_and_gradient_jax(disp, moving, fixed):
     """Mean over cells of sum over channels of (moving(x+disp) - fixed)^2, and its gradient wrt disp.
 
     disp (3, x, y, z) in cells; moving, fixed (x, y, z, C) channels-last; zeros outside the grid.

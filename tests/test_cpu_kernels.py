@@ -11,7 +11,7 @@ from scipy import ndimage
 import jaxreg  # noqa: F401
 from jaxreg import cpu_kernels
 from jaxreg.filters import _box_filter_jax, box_filter
-from jaxreg.refine import _fold_penalty_and_gradient_jax, _sample_with_slopes
+from jaxreg.refine import _fold_penalty_and_gradient_jax, _sample_with_slopes, _ssd_and_gradient_jax
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason=(
     "the CPU kernel is not built here (no C++ compiler, or JAXREG_NATIVE=0): jaxreg runs its JAX path"))
@@ -67,6 +67,21 @@ def test_kernel_gives_nan_for_a_non_finite_displacement_and_runs_under_vmap():
     values, _ = jax.jit(jax.vmap(cpu_kernels._native_trilinear, in_axes=(0, None)))(batch, volume)
     np.testing.assert_array_equal(values[0], volume)
     np.testing.assert_allclose(values[1, :2, :2, :2], volume[1:, 1:, 1:])
+
+
+@needs_kernel
+@pytest.mark.parametrize("channels", [1, 13])
+def test_warped_ssd_kernel_matches_the_jax_path(channels):
+    rng = np.random.default_rng(7)
+    moving = jnp.asarray(rng.random((6, 5, 8, channels)), jnp.float32)
+    fixed = jnp.asarray(rng.random((5, 6, 7, channels)), jnp.float32)
+    disp = jnp.asarray(rng.normal(0, 3, (3, 5, 6, 7)), jnp.float32).at[:, 0, 0, :].set(1e20)
+    native = jax.jit(cpu_kernels._native_warped_ssd)(disp, moving, fixed)
+    reference = jax.jit(_ssd_and_gradient_jax)(disp, moving, fixed)
+    np.testing.assert_allclose(native[0], reference[0], rtol=1e-5)  # float32 sums in another order
+    np.testing.assert_allclose(native[1], reference[1], atol=1e-7)
+    nan_disp = disp.at[1, 2, 2, 2].set(jnp.nan)
+    assert np.isnan(jax.jit(cpu_kernels._native_warped_ssd)(nan_disp, moving, fixed)[0])
 
 
 @needs_kernel
