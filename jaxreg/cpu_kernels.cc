@@ -11,6 +11,9 @@
 // the cofactors and their nine fluxes at every voxel; they are non-zero only where det J < margin,
 // a small fraction of the grid, so this kernel computes them there alone.
 //
+// jaxreg_fold_mask: the voxels where one of LUMIR's ten digital Jacobians is negative, for the fold
+// repair's rounds (XLA formed the ten determinants as separate full-size passes).
+//
 // jaxreg_box: a centred box average along any of the three spatial axes, zero or edge padded. XLA
 // makes three passes over memory (one per axis); this kernel filters each plane along y and z in
 // cache and sums planes along x from a ring of filtered planes: one read and one write.
@@ -334,6 +337,70 @@ bool RowHasPositive(const float* row, int64_t n) {
   return largest > 0.f;
 }
 
+// One row (fixed x, y, inside) of the fold mask: any of the ten digital Jacobians of
+// phi = x + disp negative (jaxreg.jacobians.digital_jacobians, with phi formed and differenced in
+// float32 as unfold.fold_mask does). u0, u1, u2: the row's components; sx, sy: strides along x, y.
+void FoldMaskRow(const float* __restrict__ u0, const float* __restrict__ u1, const float* __restrict__ u2,
+                 int64_t sx, int64_t sy, float x, float y, int64_t Z, bool* __restrict__ out) {
+  out[0] = out[Z - 1] = false;
+  // offsets of the 12 neighbours: +-x, +-y, +-z, then J*1's (-1,-1,0), (-1,0,-1), (0,-1,-1) and
+  // J*2's (1,1,0), (0,1,1), (1,0,1)
+  const int steps[12][3] = {{1, 0, 0}, {-1, 0, 0}, {0, 1, 0}, {0, -1, 0}, {0, 0, 1}, {0, 0, -1},
+                            {-1, -1, 0}, {-1, 0, -1}, {0, -1, -1}, {1, 1, 0}, {0, 1, 1}, {1, 0, 1}};
+  int64_t offset[12];
+  for (int n = 0; n < 12; ++n) offset[n] = steps[n][0] * sx + steps[n][1] * sy + steps[n][2];
+  for (int64_t z = 1; z < Z - 1; ++z) {
+    const float zf = static_cast<float>(z);
+    const float c0 = u0[z] + x, c1 = u1[z] + y, c2 = u2[z] + zf;  // phi at the voxel
+    float d[12][3];  // phi(neighbour) - phi(voxel)
+#pragma GCC unroll 12
+    for (int n = 0; n < 12; ++n) {
+      d[n][0] = (u0[z + offset[n]] + (x + steps[n][0])) - c0;
+      d[n][1] = (u1[z + offset[n]] + (y + steps[n][1])) - c1;
+      d[n][2] = (u2[z + offset[n]] + (zf + steps[n][2])) - c2;
+    }
+    // backward differences are centre - phi(neighbour - e_a) = -(phi(neighbour) - centre)
+    bool folded = false;
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k) {  // forward or backward on each axis
+      float r[3][3];
+#pragma GCC unroll 3
+      for (int a = 0; a < 3; ++a) {
+        const bool back = (k >> (2 - a)) & 1;
+        const float* row = d[2 * a + back];
+        r[a][0] = back ? -row[0] : row[0], r[a][1] = back ? -row[1] : row[1], r[a][2] = back ? -row[2] : row[2];
+      }
+      folded |= Det(r) < 0.f;
+    }
+    const float j1[3][3] = {{d[6][0], d[6][1], d[6][2]}, {d[7][0], d[7][1], d[7][2]}, {d[8][0], d[8][1], d[8][2]}};
+    const float j2[3][3] = {{d[9][0], d[9][1], d[9][2]}, {d[10][0], d[10][1], d[10][2]}, {d[11][0], d[11][1], d[11][2]}};
+    out[z] = folded | (Det(j1) < 0.f) | (Det(j2) < 0.f);
+  }
+}
+
+// mask (X,Y,Z): voxels where one of the ten digital Jacobians of x + disp(x) is negative; the
+// one-voxel border is false.
+ffi::Error FoldMaskImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> disp, ffi::ResultBuffer<ffi::PRED> mask) {
+  const auto d = disp.dimensions();
+  if (d.size() != 4 || d[0] != 3) return ffi::Error::InvalidArgument("jaxreg_fold_mask: disp must be (3,X,Y,Z)");
+  const int64_t X = d[1], Y = d[2], Z = d[3], N = X * Y * Z;
+  const float* u = disp.typed_data();
+  bool* out = mask->typed_data();
+  ParallelFor(pool, X * Y, 8, [=](int64_t begin, int64_t end) {
+    for (int64_t xy = begin; xy < end; ++xy) {
+      const int64_t x = xy / Y, y = xy % Y;
+      if (x == 0 || x == X - 1 || y == 0 || y == Y - 1 || Z < 3) {
+        std::fill(out + xy * Z, out + (xy + 1) * Z, false);
+        continue;
+      }
+      const float* row = u + xy * Z;
+      FoldMaskRow(row, row + N, row + 2 * N, Y * Z, Z, static_cast<float>(x), static_cast<float>(y), Z,
+                  out + xy * Z);
+    }
+  });
+  return ffi::Error::Success();
+}
+
 // shortfall (X,Y,Z) = relu(margin - det J) on the common interior (0 on each axis's last slab), and
 // the gradient (3,X,Y,Z) of mean(shortfall^2) over the interior wrt disp (3,X,Y,Z). With
 // F_a = -2 shortfall / count * (cofactor row a), gradient_c(v) = sum_a F_a,c(v - e_a) - F_a,c(v):
@@ -546,3 +613,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxregWarpedSsd, WarpedSsdImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxregFoldMask, FoldMaskImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::PRED>>());

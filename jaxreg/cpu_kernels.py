@@ -1,12 +1,13 @@
 """Hand-written CPU kernels inside the jitted programs (XLA FFI), with the pure JAX path beside them.
 
-Four pieces of the pipeline run several times faster as C++ loops (``cpu_kernels.cc``) than as XLA's
+Five pieces of the pipeline run several times faster as C++ loops (``cpu_kernels.cc``) than as XLA's
 CPU code:
 
 - the trilinear sampling with slopes of the full-resolution level (XLA's gather copies element by
   element, and the corner index it reads is a full-size pass of its own);
 - the feature level's SSD and gradient, reduced over the channels in the same loop;
 - the fold penalty's gradient (non-zero on a small part of the grid, which XLA evaluates everywhere);
+- the fold repair's mask of negative digital Jacobians (ten determinants in one pass);
 - box filters (one read and one write, where XLA makes a pass per axis).
 
 They are compiled with the system C++ compiler on first use and cached per source, jaxlib, compiler
@@ -36,11 +37,12 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 TARGETS = {"jaxreg_trilinear": "JaxregTrilinear", "jaxreg_warped_ssd": "JaxregWarpedSsd", "jaxreg_fold": "JaxregFold",
-           "jaxreg_box": "JaxregBox"}
+           "jaxreg_fold_mask": "JaxregFoldMask", "jaxreg_box": "JaxregBox"}
 # -march=native vectorises the sampling loop (gathers); the cache key holds the CPU's features, so a
 # cache shared by cluster nodes keeps one library per kind of CPU. -fno-trapping-math lets the
-# compiler turn the loop's selects into blends; no result depends on floating-point traps.
-FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC", "-w")
+# compiler turn the loop's selects into blends; no result depends on floating-point traps. No fused
+# multiply-adds: the determinants round as the JAX path's do.
+FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-w")
 
 _lock = threading.Lock()
 _state: dict = {}  # "ready": bool once decided; "library": the loaded ctypes library
@@ -159,6 +161,18 @@ def box_average(x: jnp.ndarray, size: int, axes, edge: bool) -> jnp.ndarray:
     volumes = x.reshape((-1,) + x.shape[-3:]).astype(jnp.float32)
     call = jax.ffi.ffi_call("jaxreg_box", jax.ShapeDtypeStruct(volumes.shape, jnp.float32), vmap_method="sequential")
     return call(volumes, size=np.int32(size), axes=np.int32(mask), edge=np.int32(edge)).reshape(x.shape)
+
+
+def _native_fold_mask(disp: jnp.ndarray) -> jnp.ndarray:
+    call = jax.ffi.ffi_call("jaxreg_fold_mask", jax.ShapeDtypeStruct(disp.shape[1:], jnp.bool_),
+                            vmap_method="sequential")
+    return call(disp.astype(jnp.float32))
+
+
+def fold_mask(disp: jnp.ndarray, jax_path) -> jnp.ndarray:
+    """(X,Y,Z) booleans: one of the ten digital Jacobians of ``x + disp(x)`` negative (border False);
+    ``jax_path(disp)`` computes the same."""
+    return on_cpu(_native_fold_mask, jax_path, disp)
 
 
 def on_cpu(native, jax_path, *args):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from . import cpu_kernels
 from .config import UnfoldConfig
 from .filters import box_filter
 from .jacobians import digital_jacobians
@@ -23,6 +24,11 @@ from .warp import identity_grid
 def fold_mask(disp: jnp.ndarray) -> jnp.ndarray:
     """Boolean (X, Y, Z): voxels where one of the ten digital Jacobians of ``x + disp(x)`` is negative
     (the voxels with non-zero NDV; the one-voxel border, which the evaluator crops, is False)."""
+    return cpu_kernels.fold_mask(disp, _fold_mask_jax)
+
+
+def _fold_mask_jax(disp: jnp.ndarray) -> jnp.ndarray:
+    """:func:`fold_mask` as XLA code (GPU, TPU, CPU without the kernels)."""
     phi = disp + identity_grid(disp.shape[1:])
     folded = None
     for jac in digital_jacobians(phi):

@@ -12,6 +12,7 @@ import jaxreg  # noqa: F401
 from jaxreg import cpu_kernels
 from jaxreg.filters import _box_filter_jax, box_filter
 from jaxreg.refine import _fold_penalty_and_gradient_jax, _sample_with_slopes, _ssd_and_gradient_jax
+from jaxreg.unfold import _fold_mask_jax
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason=(
     "the CPU kernel is not built here (no C++ compiler, or JAXREG_NATIVE=0): jaxreg runs its JAX path"))
@@ -124,6 +125,17 @@ def test_box_filter_gradient_through_the_kernel_matches_autodiff_of_the_jax_path
     program = jax.jit(jax.grad(loss(lambda v: box_filter(v, 3, mode=mode)))).lower(x).as_text()
     assert program.count("jaxreg_box") >= (4 if mode == "zeros" else 2)
     np.testing.assert_allclose(native, reference, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_fold_mask_kernel_marks_the_same_voxels_as_the_jax_path():
+    rng = np.random.default_rng(8)
+    disp = jnp.asarray(rng.normal(0, 0.35, (3, 12, 13, 14)), jnp.float32)  # folds at some voxels
+    native = np.asarray(jax.jit(cpu_kernels._native_fold_mask)(disp))
+    reference = np.asarray(jax.jit(_fold_mask_jax)(disp))
+    assert native.dtype == bool and 20 < reference.sum() < reference.size // 2
+    np.testing.assert_array_equal(native, reference)
+    assert not np.any(np.asarray(jax.jit(cpu_kernels._native_fold_mask)(jnp.zeros((3, 5, 6, 7)))))
 
 
 @needs_kernel
