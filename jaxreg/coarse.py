@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import cpu_kernels
 from .config import CoarseConfig
 from .filters import box_filter
 from .warp import warp_field
@@ -44,6 +45,12 @@ def cost_volume(fixed_features: jnp.ndarray, moving_features: jnp.ndarray, radiu
 
 
 def _coupled_argmin(cost: jnp.ndarray, offsets: jnp.ndarray, centre: jnp.ndarray | None, weight: float) -> jnp.ndarray:
+    """Per cell, the first candidate index minimising ``cost + weight * |offset - centre|^2``: the CPU
+    kernel, or :func:`_coupled_argmin_jax`."""
+    return cpu_kernels.coupled_argmin(cost, offsets, centre, weight, _coupled_argmin_jax)
+
+
+def _coupled_argmin_jax(cost: jnp.ndarray, offsets: jnp.ndarray, centre: jnp.ndarray | None, weight: float) -> jnp.ndarray:
     """Per cell, the first candidate index minimising ``cost + weight * |offset - centre|^2``.
 
     Streams over the candidates in a loop (one running minimum per cell): several times faster on

@@ -14,6 +14,9 @@
 // jaxreg_fold_mask: the voxels where one of LUMIR's ten digital Jacobians is negative, for the fold
 // repair's rounds (XLA formed the ten determinants as separate full-size passes).
 //
+// jaxreg_coupled_argmin: the coarse search's per-cell argmin over the candidates, in one pass over
+// the cost volume (XLA's loop over the candidates made several full passes per candidate).
+//
 // jaxreg_box: a centred box average along any of the three spatial axes, zero or edge padded. XLA
 // makes three passes over memory (one per axis); this kernel filters each plane along y and z in
 // cache and sums planes along x from a ring of filtered planes: one read and one write.
@@ -525,6 +528,47 @@ void RowWindow(const float* row, int64_t n, int r, bool edge, float scale, float
   }
 }
 
+// Per cell, the first candidate index minimising cost[i] + weight * |offsets[i] - centre|^2, cells in
+// blocks so that a block's running minimum stays in cache while the candidates stream past it.
+ffi::Error CoupledArgminImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> cost, ffi::Buffer<ffi::F32> offsets,
+                             ffi::Buffer<ffi::F32> centre, float weight, ffi::ResultBuffer<ffi::S32> best) {
+  const auto d = cost.dimensions();
+  if (d.size() != 4 || offsets.dimensions().size() != 2 || offsets.dimensions()[0] != d[0] ||
+      offsets.dimensions()[1] != 3 || centre.element_count() != 3 * d[1] * d[2] * d[3]) {
+    return ffi::Error::InvalidArgument("jaxreg_coupled_argmin: cost (n,X,Y,Z), offsets (n,3), centre (3,X,Y,Z)");
+  }
+  const int64_t n = d[0], M = d[1] * d[2] * d[3];
+  const float* c = cost.typed_data();
+  const float* o = offsets.typed_data();
+  const float* m = centre.typed_data();
+  int32_t* out = best->typed_data();
+  constexpr int64_t kBlock = 8192;
+  ParallelFor(pool, (M + kBlock - 1) / kBlock, 1, [=](int64_t begin, int64_t end) {
+    float lowest[kBlock];
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t start = block * kBlock, count = std::min(kBlock, M - start);
+      int32_t* __restrict__ arg = out + start;
+      const float* __restrict__ m0 = m + start;
+      const float* __restrict__ m1 = m + M + start;
+      const float* __restrict__ m2 = m + 2 * M + start;
+      for (int64_t j = 0; j < count; ++j) lowest[j] = std::numeric_limits<float>::infinity(), arg[j] = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        const float* __restrict__ row = c + i * M + start;
+        const float o0 = o[3 * i], o1 = o[3 * i + 1], o2 = o[3 * i + 2];
+        const int32_t index = static_cast<int32_t>(i);
+        for (int64_t j = 0; j < count; ++j) {
+          const float e0 = o0 - m0[j], e1 = o1 - m1[j], e2 = o2 - m2[j];
+          const float value = row[j] + weight * (((0.f + e0 * e0) + e1 * e1) + e2 * e2);
+          const bool better = value < lowest[j];
+          lowest[j] = better ? value : lowest[j];
+          arg[j] = better ? index : arg[j];
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
 // x (B,X,Y,Z) -> the same shape, box-averaged with half-width r along the axes whose bit is set in
 // `axes` (1: X, 2: Y, 4: Z); `edge` replicates the border, otherwise zeros pad it.
 ffi::Error BoxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> input, int32_t size, int32_t axes, int32_t edge,
@@ -619,3 +663,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxregFoldMask, FoldMaskImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::PRED>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxregCoupledArgmin, CoupledArgminImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("weight")
+                                  .Ret<ffi::Buffer<ffi::S32>>());

@@ -1,6 +1,6 @@
 """Hand-written CPU kernels inside the jitted programs (XLA FFI), with the pure JAX path beside them.
 
-Five pieces of the pipeline run several times faster as C++ loops (``cpu_kernels.cc``) than as XLA's
+Six pieces of the pipeline run several times faster as C++ loops (``cpu_kernels.cc``) than as XLA's
 CPU code:
 
 - the trilinear sampling with slopes of the full-resolution level (XLA's gather copies element by
@@ -8,6 +8,7 @@ CPU code:
 - the feature level's SSD and gradient, reduced over the channels in the same loop;
 - the fold penalty's gradient (non-zero on a small part of the grid, which XLA evaluates everywhere);
 - the fold repair's mask of negative digital Jacobians (ten determinants in one pass);
+- the coarse search's coupled argmin (one pass over the cost volume per round);
 - box filters (one read and one write, where XLA makes a pass per axis).
 
 They are compiled with the system C++ compiler on first use and cached per source, jaxlib, compiler
@@ -37,7 +38,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 TARGETS = {"jaxreg_trilinear": "JaxregTrilinear", "jaxreg_warped_ssd": "JaxregWarpedSsd", "jaxreg_fold": "JaxregFold",
-           "jaxreg_fold_mask": "JaxregFoldMask", "jaxreg_box": "JaxregBox"}
+           "jaxreg_fold_mask": "JaxregFoldMask", "jaxreg_coupled_argmin": "JaxregCoupledArgmin",
+           "jaxreg_box": "JaxregBox"}
 # -march=native vectorises the sampling loop (gathers); the cache key holds the CPU's features, so a
 # cache shared by cluster nodes keeps one library per kind of CPU. -fno-trapping-math lets the
 # compiler turn the loop's selects into blends; no result depends on floating-point traps. No fused
@@ -173,6 +175,24 @@ def fold_mask(disp: jnp.ndarray, jax_path) -> jnp.ndarray:
     """(X,Y,Z) booleans: one of the ten digital Jacobians of ``x + disp(x)`` negative (border False);
     ``jax_path(disp)`` computes the same."""
     return on_cpu(_native_fold_mask, jax_path, disp)
+
+
+def _native_coupled_argmin(cost, offsets, centre, weight: float):
+    call = jax.ffi.ffi_call("jaxreg_coupled_argmin", jax.ShapeDtypeStruct(cost.shape[1:], jnp.int32),
+                            vmap_method="sequential")
+    return call(cost.astype(jnp.float32), offsets.astype(jnp.float32), centre.astype(jnp.float32),
+                weight=np.float32(weight))
+
+
+def coupled_argmin(cost, offsets, centre, weight: float, jax_path):
+    """Per cell of cost (n,X,Y,Z), the first candidate index minimising ``cost + weight *
+    |offsets - centre|^2`` (centre (3,X,Y,Z), or None for the cost alone); ``jax_path`` (same
+    arguments) computes the same."""
+    if centre is None:  # the kernel always takes a centre; weight 0 leaves the cost as it is
+        return on_cpu(lambda c, o: _native_coupled_argmin(c, o, jnp.zeros((3,) + c.shape[1:]), 0.0),
+                      lambda c, o: jax_path(c, o, None, 0.0), cost, offsets)
+    return on_cpu(lambda c, o, m: _native_coupled_argmin(c, o, m, weight),
+                  lambda c, o, m: jax_path(c, o, m, weight), cost, offsets, centre)
 
 
 def on_cpu(native, jax_path, *args):

@@ -13,6 +13,7 @@ from jaxreg import cpu_kernels
 from jaxreg.filters import _box_filter_jax, box_filter
 from jaxreg.refine import _fold_penalty_and_gradient_jax, _sample_with_slopes, _ssd_and_gradient_jax
 from jaxreg.unfold import _fold_mask_jax
+from jaxreg.coarse import _coupled_argmin_jax, search_offsets
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason=(
     "the CPU kernel is not built here (no C++ compiler, or JAXREG_NATIVE=0): jaxreg runs its JAX path"))
@@ -136,6 +137,21 @@ def test_fold_mask_kernel_marks_the_same_voxels_as_the_jax_path():
     assert native.dtype == bool and 20 < reference.sum() < reference.size // 2
     np.testing.assert_array_equal(native, reference)
     assert not np.any(np.asarray(jax.jit(cpu_kernels._native_fold_mask)(jnp.zeros((3, 5, 6, 7)))))
+
+
+@needs_kernel
+@pytest.mark.parametrize("weight", [None, 0.3])
+def test_coupled_argmin_kernel_picks_the_same_candidates_ties_included(weight):
+    rng = np.random.default_rng(9)
+    offsets = jnp.asarray(search_offsets(1), jnp.float32)
+    # a coarse cost grid leaves many exact ties, which must go to the first index as in the JAX loop
+    cost = jnp.asarray(rng.integers(0, 4, (27, 5, 6, 37)), jnp.float32).at[:, 0, 0, 0].set(jnp.nan)
+    centre = None if weight is None else jnp.asarray(rng.normal(0, 1, (3, 5, 6, 37)), jnp.float32)
+    native = jax.jit(lambda c, m: cpu_kernels.coupled_argmin(c, offsets, m, weight or 0.0, _coupled_argmin_jax))(cost, centre)
+    reference = jax.jit(lambda c, m: _coupled_argmin_jax(c, offsets, m, weight or 0.0))(cost, centre)
+    assert native.dtype == jnp.int32 and int(native[0, 0, 0]) == 0  # all NaN: the first candidate
+    np.testing.assert_array_equal(native, reference)
+    assert len(np.unique(np.asarray(native))) > 5
 
 
 @needs_kernel
