@@ -10,6 +10,7 @@ converts to voxels.
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -31,17 +32,32 @@ def search_offsets(radius: int) -> np.ndarray:
 
 
 def cost_volume(fixed_features: jnp.ndarray, moving_features: jnp.ndarray, radius: int) -> jnp.ndarray:
-    """(n, x, y, z) matching cost of every candidate displacement (moving zero-padded outside)."""
-    offsets = jnp.asarray(search_offsets(radius) + radius)
+    """(n, x, y, z) matching cost of every candidate displacement (moving zero-padded outside): the
+    feature SSD, twice box-filtered. Computed (2r+1)^2 candidates at a time, so that only one such
+    block exists unfiltered (a whole unfiltered volume would add 0.4 GB at LUMIR size)."""
+    width = 2 * radius + 1
+    blocks = jnp.asarray(search_offsets(radius).reshape(width, width * width, 3))
+    squared_differences = functools.partial(_squared_differences, radius=radius)
+
+    def one(offsets):
+        cost = cpu_kernels.cost_volume(fixed_features, moving_features, offsets, squared_differences)
+        return box_filter(box_filter(cost, 3), 3)
+
+    costs = jax.lax.map(one, blocks)
+    return costs.reshape((width ** 3,) + costs.shape[2:])
+
+
+def _squared_differences(fixed_features, moving_features, offsets, radius: int):
+    """The JAX path of :func:`cpu_kernels.cost_volume`, one candidate at a time (offsets within
+    `radius`)."""
     padded = jnp.pad(moving_features, ((0, 0),) + ((radius, radius),) * 3)
     channels, *shape = fixed_features.shape
 
     def one(start):
         shifted = jax.lax.dynamic_slice(padded, (0, start[0], start[1], start[2]), (channels, *shape))
-        cost = ((fixed_features - shifted) ** 2).sum(axis=0)
-        return box_filter(box_filter(cost, 3), 3)
+        return ((fixed_features - shifted) ** 2).sum(axis=0)
 
-    return jax.lax.map(one, offsets)
+    return jax.lax.map(one, offsets + radius)
 
 
 def _coupled_argmin(cost: jnp.ndarray, offsets: jnp.ndarray, centre: jnp.ndarray | None, weight: float) -> jnp.ndarray:

@@ -14,6 +14,9 @@
 // jaxreg_fold_mask: the voxels where one of LUMIR's ten digital Jacobians is negative, for the fold
 // repair's rounds (XLA formed the ten determinants as separate full-size passes).
 //
+// jaxreg_cost_volume: the coarse search's matching cost of every candidate offset, row by row with the
+// row's features in cache (XLA re-read both feature stacks from memory for each of the 125 offsets).
+//
 // jaxreg_coupled_argmin: the coarse search's per-cell argmin over the candidates, in one pass over
 // the cost volume (XLA's loop over the candidates made several full passes per candidate).
 //
@@ -528,6 +531,57 @@ void RowWindow(const float* row, int64_t n, int r, bool edge, float scale, float
   }
 }
 
+// cost (n,X,Y,Z): for every candidate offset o_i (offsets (n,3), int32), the sum over channels of
+// (fixed_c(x) - moving_c(x + o_i))^2, moving zero outside; fixed, moving (C,X,Y,Z). One task per
+// (x, y) row: the row's fixed channels and the moving rows it reads stay in cache for all n offsets.
+ffi::Error CostVolumeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> fixed, ffi::Buffer<ffi::F32> moving,
+                          ffi::Buffer<ffi::S32> offsets, ffi::ResultBuffer<ffi::F32> cost) {
+  const auto d = fixed.dimensions();
+  if (d.size() != 4 || moving.dimensions().size() != 4 || offsets.dimensions().size() != 2 ||
+      offsets.dimensions()[1] != 3) {
+    return ffi::Error::InvalidArgument("jaxreg_cost_volume: fixed, moving (C,X,Y,Z), offsets (n,3)");
+  }
+  const int64_t C = d[0], X = d[1], Y = d[2], Z = d[3], M = X * Y * Z, n = offsets.dimensions()[0];
+  const float* f = fixed.typed_data();
+  const float* m = moving.typed_data();
+  const int32_t* o = offsets.typed_data();
+  float* out = cost->typed_data();
+  ParallelFor(pool, X * Y, 4, [=](int64_t begin, int64_t end) {
+    std::vector<float> squares(Z);
+    for (int64_t xy = begin; xy < end; ++xy) {
+      const int64_t x = xy / Y, y = xy % Y;
+      // sum over channels of fixed^2: the cost wherever the moving side is outside
+      std::fill(squares.begin(), squares.end(), 0.f);
+      for (int64_t c = 0; c < C; ++c) {
+        const float* fr = f + c * M + xy * Z;
+        for (int64_t z = 0; z < Z; ++z) squares[z] += fr[z] * fr[z];
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t ox = o[3 * i], oy = o[3 * i + 1], oz = o[3 * i + 2];
+        float* __restrict__ row = out + i * M + xy * Z;
+        const int64_t mx = x + ox, my = y + oy;
+        if (mx < 0 || mx >= X || my < 0 || my >= Y) {
+          std::copy(squares.begin(), squares.end(), row);
+          continue;
+        }
+        const int64_t lo = std::max<int64_t>(0, -oz), hi = std::min<int64_t>(Z, Z - oz);
+        for (int64_t z = 0; z < Z; ++z) row[z] = 0.f;
+        for (int64_t c = 0; c < C; ++c) {
+          const float* __restrict__ fr = f + c * M + xy * Z;
+          const float* __restrict__ mr = m + c * M + (mx * Y + my) * Z + oz;
+          for (int64_t z = lo; z < hi; ++z) {
+            const float e = fr[z] - mr[z];
+            row[z] += e * e;
+          }
+        }
+        for (int64_t z = 0; z < lo; ++z) row[z] = squares[z];
+        for (int64_t z = hi; z < Z; ++z) row[z] = squares[z];
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
 // Per cell, the first candidate index minimising cost[i] + weight * |offsets[i] - centre|^2, cells in
 // blocks so that a block's running minimum stays in cache while the candidates stream past it.
 ffi::Error CoupledArgminImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> cost, ffi::Buffer<ffi::F32> offsets,
@@ -672,3 +726,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxregCoupledArgmin, CoupledArgminImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("weight")
                                   .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxregCostVolume, CostVolumeImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,6 +1,6 @@
 """Hand-written CPU kernels inside the jitted programs (XLA FFI), with the pure JAX path beside them.
 
-Six pieces of the pipeline run several times faster as C++ loops (``cpu_kernels.cc``) than as XLA's
+Seven pieces of the pipeline run several times faster as C++ loops (``cpu_kernels.cc``) than as XLA's
 CPU code:
 
 - the trilinear sampling with slopes of the full-resolution level (XLA's gather copies element by
@@ -8,7 +8,8 @@ CPU code:
 - the feature level's SSD and gradient, reduced over the channels in the same loop;
 - the fold penalty's gradient (non-zero on a small part of the grid, which XLA evaluates everywhere);
 - the fold repair's mask of negative digital Jacobians (ten determinants in one pass);
-- the coarse search's coupled argmin (one pass over the cost volume per round);
+- the coarse search's cost volume (each row's features in cache for all candidates) and its coupled
+  argmin (one pass over the cost volume per round);
 - box filters (one read and one write, where XLA makes a pass per axis).
 
 They are compiled with the system C++ compiler on first use and cached per source, jaxlib, compiler
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 TARGETS = {"jaxreg_trilinear": "JaxregTrilinear", "jaxreg_warped_ssd": "JaxregWarpedSsd", "jaxreg_fold": "JaxregFold",
            "jaxreg_fold_mask": "JaxregFoldMask", "jaxreg_coupled_argmin": "JaxregCoupledArgmin",
+           "jaxreg_cost_volume": "JaxregCostVolume",
            "jaxreg_box": "JaxregBox"}
 # -march=native vectorises the sampling loop (gathers); the cache key holds the CPU's features, so a
 # cache shared by cluster nodes keeps one library per kind of CPU. -fno-trapping-math lets the
@@ -175,6 +177,20 @@ def fold_mask(disp: jnp.ndarray, jax_path) -> jnp.ndarray:
     """(X,Y,Z) booleans: one of the ten digital Jacobians of ``x + disp(x)`` negative (border False);
     ``jax_path(disp)`` computes the same."""
     return on_cpu(_native_fold_mask, jax_path, disp)
+
+
+def _native_cost_volume(fixed, moving, offsets):
+    call = jax.ffi.ffi_call("jaxreg_cost_volume",
+                            jax.ShapeDtypeStruct((offsets.shape[0],) + fixed.shape[1:], jnp.float32),
+                            vmap_method="sequential")
+    return call(fixed.astype(jnp.float32), moving.astype(jnp.float32), offsets.astype(jnp.int32))
+
+
+def cost_volume(fixed, moving, offsets, jax_path):
+    """(n,X,Y,Z): per candidate offset (offsets (n,3) integers), the sum over channels of
+    ``(fixed(x) - moving(x + offset))^2``, moving zero outside; fixed, moving (C,X,Y,Z).
+    ``jax_path`` (same arguments) computes the same."""
+    return on_cpu(_native_cost_volume, jax_path, fixed, moving, offsets)
 
 
 def _native_coupled_argmin(cost, offsets, centre, weight: float):

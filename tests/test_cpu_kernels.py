@@ -13,7 +13,7 @@ from jaxreg import cpu_kernels
 from jaxreg.filters import _box_filter_jax, box_filter
 from jaxreg.refine import _fold_penalty_and_gradient_jax, _sample_with_slopes, _ssd_and_gradient_jax
 from jaxreg.unfold import _fold_mask_jax
-from jaxreg.coarse import _coupled_argmin_jax, search_offsets
+from jaxreg.coarse import _coupled_argmin_jax, _squared_differences, search_offsets
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason=(
     "the CPU kernel is not built here (no C++ compiler, or JAXREG_NATIVE=0): jaxreg runs its JAX path"))
@@ -137,6 +137,21 @@ def test_fold_mask_kernel_marks_the_same_voxels_as_the_jax_path():
     assert native.dtype == bool and 20 < reference.sum() < reference.size // 2
     np.testing.assert_array_equal(native, reference)
     assert not np.any(np.asarray(jax.jit(cpu_kernels._native_fold_mask)(jnp.zeros((3, 5, 6, 7)))))
+
+
+@needs_kernel
+def test_cost_volume_kernel_matches_the_jax_path_and_a_hand_computed_cell():
+    rng = np.random.default_rng(10)
+    fixed = jnp.asarray(rng.random((4, 5, 6, 7)), jnp.float32)
+    moving = jnp.asarray(rng.random((4, 5, 6, 7)), jnp.float32)
+    offsets = jnp.asarray(search_offsets(2))
+    native = np.asarray(jax.jit(cpu_kernels._native_cost_volume)(fixed, moving, offsets))
+    reference = np.asarray(jax.jit(lambda f, m, o: _squared_differences(f, m, o, 2))(fixed, moving, offsets))
+    np.testing.assert_allclose(native, reference, rtol=1e-6)
+    i = int(np.flatnonzero((np.asarray(offsets) == (1, -2, 2)).all(axis=1))[0])
+    f, m = np.asarray(fixed, np.float64), np.asarray(moving, np.float64)
+    np.testing.assert_allclose(native[i, 3, 4, 2], ((f[:, 3, 4, 2] - m[:, 4, 2, 4]) ** 2).sum(), rtol=1e-6)
+    np.testing.assert_allclose(native[i, 4, 4, 2], (f[:, 4, 4, 2] ** 2).sum(), rtol=1e-6)  # x + 1 outside
 
 
 @needs_kernel
