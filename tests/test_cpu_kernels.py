@@ -178,6 +178,7 @@ def test_dispatch_puts_the_kernel_in_cpu_programs():
 
 def test_without_a_compiler_jaxreg_warns_once_and_takes_the_jax_path(monkeypatch, tmp_path, caplog):
     monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.delenv("JAXREG_NATIVE", raising=False)
     monkeypatch.setenv("JAXREG_NATIVE_DIR", str(tmp_path))
     monkeypatch.setattr(cpu_kernels, "_compiler", lambda: "/bin/false")  # a compiler that always fails
     with caplog.at_level(logging.WARNING, logger="jaxreg.cpu_kernels"):
