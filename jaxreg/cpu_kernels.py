@@ -38,15 +38,18 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
-TARGETS = {"jaxreg_trilinear": "JaxregTrilinear", "jaxreg_warped_ssd": "JaxregWarpedSsd", "jaxreg_fold": "JaxregFold",
-           "jaxreg_fold_mask": "JaxregFoldMask", "jaxreg_coupled_argmin": "JaxregCoupledArgmin",
-           "jaxreg_cost_volume": "JaxregCostVolume",
-           "jaxreg_box": "JaxregBox"}
+TARGETS = {  # FFI target name: the handler's symbol in the library
+    "jaxreg_trilinear": "JaxregTrilinear", "jaxreg_warped_ssd": "JaxregWarpedSsd",
+    "jaxreg_fold": "JaxregFold", "jaxreg_fold_mask": "JaxregFoldMask",
+    "jaxreg_cost_volume": "JaxregCostVolume", "jaxreg_coupled_argmin": "JaxregCoupledArgmin",
+    "jaxreg_box": "JaxregBox",
+}
 # -march=native vectorises the sampling loop (gathers); the cache key holds the CPU's features, so a
 # cache shared by cluster nodes keeps one library per kind of CPU. -fno-trapping-math lets the
 # compiler turn the loop's selects into blends; no result depends on floating-point traps. No fused
 # multiply-adds: the determinants round as the JAX path's do.
-FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-w")
+FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC",
+         "-w")
 
 _lock = threading.Lock()
 _state: dict = {}  # "ready": bool once decided; "library": the loaded ctypes library
@@ -114,7 +117,7 @@ def available() -> bool:
             compiler = _compiler()
             if compiler is None:
                 log.warning("no C++ compiler found (set CXX): jaxreg uses its pure JAX CPU path, "
-                            "about 30 %% slower per pair")
+                            "about 2x slower per pair")
                 return False
             try:
                 library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
@@ -122,93 +125,11 @@ def available() -> bool:
                     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
             except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as err:
                 log.warning("could not build jaxreg's CPU kernels (%s): using the pure JAX path, "
-                            "about 30 %% slower per pair", err)
+                            "about 2x slower per pair", err)
                 return False
             _state["library"] = library  # keep it loaded for as long as XLA may call it
             _state["ready"] = True
         return _state["ready"]
-
-
-def _native_trilinear(disp: jnp.ndarray, volume: jnp.ndarray):
-    shape = disp.shape[1:] + volume.shape[3:]
-    call = jax.ffi.ffi_call("jaxreg_trilinear", (jax.ShapeDtypeStruct(shape, jnp.float32),
-                                                 jax.ShapeDtypeStruct((3,) + shape, jnp.float32)),
-                            vmap_method="sequential")
-    value, slopes = call(disp.astype(jnp.float32), volume.astype(jnp.float32))
-    return value, [slopes[0], slopes[1], slopes[2]]
-
-
-def _native_warped_ssd(disp: jnp.ndarray, moving: jnp.ndarray, fixed: jnp.ndarray):
-    shape = disp.shape[1:]
-    call = jax.ffi.ffi_call("jaxreg_warped_ssd", (jax.ShapeDtypeStruct(shape, jnp.float32),
-                                                  jax.ShapeDtypeStruct(disp.shape, jnp.float32)),
-                            vmap_method="sequential")
-    per_cell, gradient = call(disp.astype(jnp.float32), moving.astype(jnp.float32), fixed.astype(jnp.float32))
-    count = float(shape[0] * shape[1] * shape[2])
-    return jnp.sum(per_cell) / count, gradient * (1.0 / count)
-
-
-def _native_fold(disp: jnp.ndarray, margin: float):
-    shape = disp.shape[1:]
-    call = jax.ffi.ffi_call("jaxreg_fold", (jax.ShapeDtypeStruct(shape, jnp.float32),
-                                            jax.ShapeDtypeStruct(disp.shape, jnp.float32)),
-                            vmap_method="sequential")
-    shortfall, gradient = call(disp.astype(jnp.float32), margin=np.float32(margin))
-    count = float((shape[0] - 1) * (shape[1] - 1) * (shape[2] - 1))
-    return jnp.sum(shortfall * shortfall) / count, gradient
-
-
-def box_average(x: jnp.ndarray, size: int, axes, edge: bool) -> jnp.ndarray:
-    """The kernel's box average of odd width `size` along `axes` (a subset of the last three),
-    edge-replicated or zero-padded: what :func:`jaxreg.filters.box_filter` computes."""
-    mask = sum(1 << (a % x.ndim - (x.ndim - 3)) for a in axes)
-    volumes = x.reshape((-1,) + x.shape[-3:]).astype(jnp.float32)
-    call = jax.ffi.ffi_call("jaxreg_box", jax.ShapeDtypeStruct(volumes.shape, jnp.float32), vmap_method="sequential")
-    return call(volumes, size=np.int32(size), axes=np.int32(mask), edge=np.int32(edge)).reshape(x.shape)
-
-
-def _native_fold_mask(disp: jnp.ndarray) -> jnp.ndarray:
-    call = jax.ffi.ffi_call("jaxreg_fold_mask", jax.ShapeDtypeStruct(disp.shape[1:], jnp.bool_),
-                            vmap_method="sequential")
-    return call(disp.astype(jnp.float32))
-
-
-def fold_mask(disp: jnp.ndarray, jax_path) -> jnp.ndarray:
-    """(X,Y,Z) booleans: one of the ten digital Jacobians of ``x + disp(x)`` negative (border False);
-    ``jax_path(disp)`` computes the same."""
-    return on_cpu(_native_fold_mask, jax_path, disp)
-
-
-def _native_cost_volume(fixed, moving, offsets):
-    call = jax.ffi.ffi_call("jaxreg_cost_volume",
-                            jax.ShapeDtypeStruct((offsets.shape[0],) + fixed.shape[1:], jnp.float32),
-                            vmap_method="sequential")
-    return call(fixed.astype(jnp.float32), moving.astype(jnp.float32), offsets.astype(jnp.int32))
-
-
-def cost_volume(fixed, moving, offsets, jax_path):
-    """(n,X,Y,Z): per candidate offset (offsets (n,3) integers), the sum over channels of
-    ``(fixed(x) - moving(x + offset))^2``, moving zero outside; fixed, moving (C,X,Y,Z).
-    ``jax_path`` (same arguments) computes the same."""
-    return on_cpu(_native_cost_volume, jax_path, fixed, moving, offsets)
-
-
-def _native_coupled_argmin(cost, offsets, centre, weight: float):
-    call = jax.ffi.ffi_call("jaxreg_coupled_argmin", jax.ShapeDtypeStruct(cost.shape[1:], jnp.int32),
-                            vmap_method="sequential")
-    return call(cost.astype(jnp.float32), offsets.astype(jnp.float32), centre.astype(jnp.float32),
-                weight=np.float32(weight))
-
-
-def coupled_argmin(cost, offsets, centre, weight: float, jax_path):
-    """Per cell of cost (n,X,Y,Z), the first candidate index minimising ``cost + weight *
-    |offsets - centre|^2`` (centre (3,X,Y,Z), or None for the cost alone); ``jax_path`` (same
-    arguments) computes the same."""
-    if centre is None:  # the kernel always takes a centre; weight 0 leaves the cost as it is
-        return on_cpu(lambda c, o: _native_coupled_argmin(c, o, jnp.zeros((3,) + c.shape[1:]), 0.0),
-                      lambda c, o: jax_path(c, o, None, 0.0), cost, offsets)
-    return on_cpu(lambda c, o, m: _native_coupled_argmin(c, o, m, weight),
-                  lambda c, o, m: jax_path(c, o, m, weight), cost, offsets, centre)
 
 
 def on_cpu(native, jax_path, *args):
@@ -224,6 +145,15 @@ def trilinear_with_slopes(disp: jnp.ndarray, volume: jnp.ndarray, jax_path):
     return on_cpu(_native_trilinear, jax_path, disp, volume)
 
 
+def _native_trilinear(disp: jnp.ndarray, volume: jnp.ndarray):
+    shape = disp.shape[1:] + volume.shape[3:]
+    call = jax.ffi.ffi_call("jaxreg_trilinear", (jax.ShapeDtypeStruct(shape, jnp.float32),
+                                                 jax.ShapeDtypeStruct((3,) + shape, jnp.float32)),
+                            vmap_method="sequential")
+    value, slopes = call(disp.astype(jnp.float32), volume.astype(jnp.float32))
+    return value, [slopes[0], slopes[1], slopes[2]]
+
+
 def warped_ssd_and_gradient(disp: jnp.ndarray, moving: jnp.ndarray, fixed: jnp.ndarray, jax_path):
     """(mean over cells of sum over channels of (moving(x + disp) - fixed)^2, its gradient wrt disp),
     moving and fixed (X,Y,Z,C) with C <= 64; ``jax_path(disp, moving, fixed)`` computes the same."""
@@ -232,7 +162,80 @@ def warped_ssd_and_gradient(disp: jnp.ndarray, moving: jnp.ndarray, fixed: jnp.n
     return on_cpu(_native_warped_ssd, jax_path, disp, moving, fixed)
 
 
+def _native_warped_ssd(disp: jnp.ndarray, moving: jnp.ndarray, fixed: jnp.ndarray):
+    shape = disp.shape[1:]
+    call = jax.ffi.ffi_call("jaxreg_warped_ssd", (jax.ShapeDtypeStruct(shape, jnp.float32),
+                                                  jax.ShapeDtypeStruct(disp.shape, jnp.float32)),
+                            vmap_method="sequential")
+    per_cell, gradient = call(disp.astype(jnp.float32), moving.astype(jnp.float32), fixed.astype(jnp.float32))
+    count = float(shape[0] * shape[1] * shape[2])
+    return jnp.sum(per_cell) / count, gradient * (1.0 / count)
+
+
 def fold_penalty_and_gradient(disp: jnp.ndarray, margin: float, jax_path):
     """(mean over the common interior of ``relu(margin - det J)^2``, its gradient wrt `disp`), J the
     forward-difference Jacobian of ``x + disp(x)``; ``jax_path(disp, margin)`` computes the same."""
     return on_cpu(lambda d: _native_fold(d, margin), lambda d: jax_path(d, margin), disp)
+
+
+def _native_fold(disp: jnp.ndarray, margin: float):
+    shape = disp.shape[1:]
+    call = jax.ffi.ffi_call("jaxreg_fold", (jax.ShapeDtypeStruct(shape, jnp.float32),
+                                            jax.ShapeDtypeStruct(disp.shape, jnp.float32)),
+                            vmap_method="sequential")
+    shortfall, gradient = call(disp.astype(jnp.float32), margin=np.float32(margin))
+    count = float((shape[0] - 1) * (shape[1] - 1) * (shape[2] - 1))
+    return jnp.sum(shortfall * shortfall) / count, gradient
+
+
+def fold_mask(disp: jnp.ndarray, jax_path) -> jnp.ndarray:
+    """(X,Y,Z) booleans: one of the ten digital Jacobians of ``x + disp(x)`` negative (border False);
+    ``jax_path(disp)`` computes the same."""
+    return on_cpu(_native_fold_mask, jax_path, disp)
+
+
+def _native_fold_mask(disp: jnp.ndarray) -> jnp.ndarray:
+    call = jax.ffi.ffi_call("jaxreg_fold_mask", jax.ShapeDtypeStruct(disp.shape[1:], jnp.bool_),
+                            vmap_method="sequential")
+    return call(disp.astype(jnp.float32))
+
+
+def cost_volume(fixed, moving, offsets, jax_path):
+    """(n,X,Y,Z): per candidate offset (offsets (n,3) integers), the sum over channels of
+    ``(fixed(x) - moving(x + offset))^2``, moving zero outside; fixed, moving (C,X,Y,Z).
+    ``jax_path`` (same arguments) computes the same."""
+    return on_cpu(_native_cost_volume, jax_path, fixed, moving, offsets)
+
+
+def _native_cost_volume(fixed, moving, offsets):
+    call = jax.ffi.ffi_call("jaxreg_cost_volume",
+                            jax.ShapeDtypeStruct((offsets.shape[0],) + fixed.shape[1:], jnp.float32),
+                            vmap_method="sequential")
+    return call(fixed.astype(jnp.float32), moving.astype(jnp.float32), offsets.astype(jnp.int32))
+
+
+def coupled_argmin(cost, offsets, centre, weight: float, jax_path):
+    """Per cell of cost (n,X,Y,Z), the first candidate index minimising ``cost + weight *
+    |offsets - centre|^2`` (centre (3,X,Y,Z), or None for the cost alone); ``jax_path`` (same
+    arguments) computes the same."""
+    if centre is None:  # the kernel always takes a centre; weight 0 leaves the cost as it is
+        return on_cpu(lambda c, o: _native_coupled_argmin(c, o, jnp.zeros((3,) + c.shape[1:]), 0.0),
+                      lambda c, o: jax_path(c, o, None, 0.0), cost, offsets)
+    return on_cpu(lambda c, o, m: _native_coupled_argmin(c, o, m, weight),
+                  lambda c, o, m: jax_path(c, o, m, weight), cost, offsets, centre)
+
+
+def _native_coupled_argmin(cost, offsets, centre, weight: float):
+    call = jax.ffi.ffi_call("jaxreg_coupled_argmin", jax.ShapeDtypeStruct(cost.shape[1:], jnp.int32),
+                            vmap_method="sequential")
+    return call(cost.astype(jnp.float32), offsets.astype(jnp.float32), centre.astype(jnp.float32),
+                weight=np.float32(weight))
+
+
+def box_average(x: jnp.ndarray, size: int, axes, edge: bool) -> jnp.ndarray:
+    """The kernel's box average of odd width `size` along `axes` (a subset of the last three),
+    edge-replicated or zero-padded: what :func:`jaxreg.filters.box_filter` computes."""
+    mask = sum(1 << (a % x.ndim - (x.ndim - 3)) for a in axes)
+    volumes = x.reshape((-1,) + x.shape[-3:]).astype(jnp.float32)
+    call = jax.ffi.ffi_call("jaxreg_box", jax.ShapeDtypeStruct(volumes.shape, jnp.float32), vmap_method="sequential")
+    return call(volumes, size=np.int32(size), axes=np.int32(mask), edge=np.int32(edge)).reshape(x.shape)

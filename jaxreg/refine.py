@@ -11,7 +11,9 @@ NCC, :func:`intensity_loss`), with the diffusion penalty on the residual alone.
 The SSD term has a hand-written gradient (:func:`warped_ssd`): XLA's autodiff of a 12-channel
 gather scatters into the features, which costs several times more than the fused forward pass.
 So have the full-resolution data term (:func:`intensity_loss`) and the fold penalty
-(:func:`fold_penalty`; its autodiff held ~40 full-size intermediates).
+(:func:`fold_penalty`; its autodiff held ~40 full-size intermediates). In CPU programs the sampling,
+the feature SSD and the fold penalty run as C++ kernels (:mod:`jaxreg.cpu_kernels`); the ``_jax``
+functions here are the path everywhere else and the reference the kernels are tested against.
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ def _ssd_and_gradient_jax(disp, moving, fixed):
     reductions over the channels instead of one per corner (eight short reductions took half a step).
     """
     shape = disp.shape[1:]
-    warped, slopes = trilinear_with_slopes(disp, moving, _sample_with_slopes)
+    warped, slopes = _sample_with_slopes(disp, moving)
     residual = warped - fixed
     gradient = [jnp.sum(residual * slope, axis=-1) for slope in slopes]
     count = float(shape[0] * shape[1] * shape[2])
