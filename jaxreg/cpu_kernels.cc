@@ -86,6 +86,21 @@ inline void Combine(const float* s, float fx, float fy, float fz, float* value, 
   slope[2 * stride] = dz0 + fx * (dz1 - dz0);
 }
 
+// Channel c of the eight corners (index 4a + 2b + e) of the cell whose low corner is (lx, ly, lz),
+// for a cell near or past the edge of volume (VX,VY,VZ,C): corners outside count as 0. Far-away
+// low corners are clamped to just outside first (the float to int conversion stays defined).
+inline void CornersNearEdge(const float* vol, int64_t VX, int64_t VY, int64_t VZ, int64_t C, int64_t c, float lx,
+                            float ly, float lz, float s[8]) {
+  const int64_t i0 = static_cast<int64_t>(std::clamp(lx, -2.f, static_cast<float>(VX)));
+  const int64_t j0 = static_cast<int64_t>(std::clamp(ly, -2.f, static_cast<float>(VY)));
+  const int64_t k0 = static_cast<int64_t>(std::clamp(lz, -2.f, static_cast<float>(VZ)));
+  for (int q = 0; q < 8; ++q) {
+    const int64_t i = i0 + (q >> 2), j = j0 + ((q >> 1) & 1), k = k0 + (q & 1);
+    const bool inside = i >= 0 && i < VX && j >= 0 && j < VY && k >= 0 && k < VZ;
+    s[q] = inside ? vol[((i * VY + j) * VZ + k) * C + c] : 0.f;
+  }
+}
+
 // One row (fixed x, y) of the one-channel case, written without branches so that the compiler can
 // vectorise it with gathers: corner indices are clamped into the volume and the corners outside
 // are multiplied by 0. Same results as the general path below.
@@ -187,16 +202,8 @@ ffi::Error Trilinear(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& disp, ffi::Bu
           }
           continue;
         }
-        // Near or past the edge: clamp far-away corners to just outside, then test each one.
-        const int64_t i0 = static_cast<int64_t>(std::clamp(lx, -2.f, static_cast<float>(VX)));
-        const int64_t j0 = static_cast<int64_t>(std::clamp(ly, -2.f, static_cast<float>(VY)));
-        const int64_t k0 = static_cast<int64_t>(std::clamp(lz, -2.f, static_cast<float>(VZ)));
         for (int64_t c = 0; c < C; ++c) {
-          for (int q = 0; q < 8; ++q) {
-            const int64_t i = i0 + (q >> 2), j = j0 + ((q >> 1) & 1), k = k0 + (q & 1);
-            const bool inside = i >= 0 && i < VX && j >= 0 && j < VY && k >= 0 && k < VZ;
-            s[q] = inside ? vol[((i * VY + j) * VZ + k) * C + c] : 0.f;
-          }
+          CornersNearEdge(vol, VX, VY, VZ, C, c, lx, ly, lz, s);
           Combine(s, fx, fy, fz, out + at + c, slope + at + c, N * C);
         }
       }
@@ -265,15 +272,8 @@ ffi::Error WarpedSsdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> disp, ffi::
                                        static_cast<int64_t>(lz)) * C;
           CombineChannels(corner, C, sx, sy, sz, fx, fy, fz, value, dx, dy, dz);
         } else {
-          const int64_t i0 = static_cast<int64_t>(std::clamp(lx, -2.f, static_cast<float>(VX)));
-          const int64_t j0 = static_cast<int64_t>(std::clamp(ly, -2.f, static_cast<float>(VY)));
-          const int64_t k0 = static_cast<int64_t>(std::clamp(lz, -2.f, static_cast<float>(VZ)));
           for (int64_t c = 0; c < C; ++c) {
-            for (int q = 0; q < 8; ++q) {
-              const int64_t i = i0 + (q >> 2), j = j0 + ((q >> 1) & 1), k = k0 + (q & 1);
-              const bool inside = i >= 0 && i < VX && j >= 0 && j < VY && k >= 0 && k < VZ;
-              s[q] = inside ? vol[((i * VY + j) * VZ + k) * C + c] : 0.f;
-            }
+            CornersNearEdge(vol, VX, VY, VZ, C, c, lx, ly, lz, s);
             float slope[3];
             Combine(s, fx, fy, fz, value + c, slope, 1);
             dx[c] = slope[0], dy[c] = slope[1], dz[c] = slope[2];
