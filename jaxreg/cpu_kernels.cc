@@ -12,7 +12,8 @@
 // a small fraction of the grid, so this kernel computes them there alone.
 //
 // jaxreg_fold_mask: the voxels where one of LUMIR's ten digital Jacobians is negative, for the fold
-// repair's rounds (XLA formed the ten determinants as separate full-size passes).
+// repair's rounds (XLA formed the ten determinants as separate full-size passes);
+// jaxreg_fold_mask_update recomputes it only next to the voxels a round changed.
 //
 // jaxreg_cost_volume: the coarse search's matching cost of every candidate offset, row by row with the
 // row's features in cache (XLA re-read both feature stacks from memory for each of the 125 offsets).
@@ -385,13 +386,12 @@ void FoldMaskRow(const float* __restrict__ u0, const float* __restrict__ u1, con
 }
 
 // mask (X,Y,Z): voxels where one of the ten digital Jacobians of x + disp(x) is negative; the
-// one-voxel border is false.
-ffi::Error FoldMaskImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> disp, ffi::ResultBuffer<ffi::PRED> mask) {
-  const auto d = disp.dimensions();
-  if (d.size() != 4 || d[0] != 3) return ffi::Error::InvalidArgument("jaxreg_fold_mask: disp must be (3,X,Y,Z)");
-  const int64_t X = d[1], Y = d[2], Z = d[3], N = X * Y * Z;
-  const float* u = disp.typed_data();
-  bool* out = mask->typed_data();
+// one-voxel border is false. With `previous` and `changed` (both (X,Y,Z), or null): a row is
+// recomputed only if `changed` is true somewhere in the 3x3 rows around it, else copied from
+// `previous` (a voxel's Jacobians read phi within one voxel of it, so elsewhere nothing moved).
+void FoldMaskRows(ffi::ThreadPool& pool, const float* u, int64_t X, int64_t Y, int64_t Z, const bool* previous,
+                  const bool* changed, bool* out) {
+  const int64_t N = X * Y * Z;
   ParallelFor(pool, X * Y, 8, [=](int64_t begin, int64_t end) {
     for (int64_t xy = begin; xy < end; ++xy) {
       const int64_t x = xy / Y, y = xy % Y;
@@ -399,11 +399,42 @@ ffi::Error FoldMaskImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> disp, ffi::R
         std::fill(out + xy * Z, out + (xy + 1) * Z, false);
         continue;
       }
+      if (changed != nullptr) {
+        bool near = false;
+        for (int64_t i = x - 1; i <= x + 1 && !near; ++i) {
+          for (int64_t j = y - 1; j <= y + 1 && !near; ++j) {
+            const bool* row = changed + (i * Y + j) * Z;
+            near = std::find(row, row + Z, true) != row + Z;
+          }
+        }
+        if (!near) {
+          std::copy(previous + xy * Z, previous + (xy + 1) * Z, out + xy * Z);
+          continue;
+        }
+      }
       const float* row = u + xy * Z;
       FoldMaskRow(row, row + N, row + 2 * N, Y * Z, Z, static_cast<float>(x), static_cast<float>(y), Z,
                   out + xy * Z);
     }
   });
+}
+
+ffi::Error FoldMaskImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> disp, ffi::ResultBuffer<ffi::PRED> mask) {
+  const auto d = disp.dimensions();
+  if (d.size() != 4 || d[0] != 3) return ffi::Error::InvalidArgument("jaxreg_fold_mask: disp must be (3,X,Y,Z)");
+  FoldMaskRows(pool, disp.typed_data(), d[1], d[2], d[3], nullptr, nullptr, mask->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error FoldMaskUpdateImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> disp, ffi::Buffer<ffi::PRED> previous,
+                              ffi::Buffer<ffi::PRED> changed, ffi::ResultBuffer<ffi::PRED> mask) {
+  const auto d = disp.dimensions();
+  const int64_t count = d.size() == 4 ? d[1] * d[2] * d[3] : -1;
+  if (d.size() != 4 || d[0] != 3 || previous.element_count() != count || changed.element_count() != count) {
+    return ffi::Error::InvalidArgument("jaxreg_fold_mask_update: disp (3,X,Y,Z), previous and changed (X,Y,Z)");
+  }
+  FoldMaskRows(pool, disp.typed_data(), d[1], d[2], d[3], previous.typed_data(), changed.typed_data(),
+               mask->typed_data());
   return ffi::Error::Success();
 }
 
@@ -734,3 +765,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxregCostVolume, CostVolumeImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxregFoldMaskUpdate, FoldMaskUpdateImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::PRED>>());

@@ -54,7 +54,8 @@ def unfold(disp: jnp.ndarray, config: UnfoldConfig) -> tuple[jnp.ndarray, jnp.nd
             near = folded if grow == 1 else box_filter(folded.astype(jnp.float32), grow) > 0
             smoothed = field + config.blend * (box_filter(field, 3, mode="edge") - field)
             field = jnp.where(near[None], smoothed, field)
-            return field, rounds + 1, fold_mask(field)  # the mask travels to the next round: computed once
+            # the mask travels to the next round, computed once; only voxels next to `near` can change
+            return field, rounds + 1, cpu_kernels.fold_mask_update(field, folded, near, _fold_mask_jax)
 
         return keep_going, one_round
 

@@ -170,6 +170,24 @@ def test_coupled_argmin_kernel_picks_the_same_candidates_ties_included(weight):
 
 
 @needs_kernel
+def test_fold_mask_update_recomputes_next_to_the_changes_and_equals_the_whole_mask():
+    rng = np.random.default_rng(11)
+    before = rng.normal(0, 0.35, (3, 12, 13, 14)).astype(np.float32)
+    changed = np.zeros((12, 13, 14), bool)
+    changed[3:5, 6, 2:9] = changed[10, 11, 12] = True  # a block and a voxel next to the border
+    after = np.where(changed[None], rng.normal(0, 0.35, before.shape), before).astype(np.float32)
+    previous = jax.jit(_fold_mask_jax)(jnp.asarray(before))
+    update = jax.jit(lambda d, p, c: cpu_kernels.fold_mask_update(d, p, c, _fold_mask_jax))
+    got = np.asarray(update(jnp.asarray(after), previous, jnp.asarray(changed)))
+    expected = np.asarray(jax.jit(_fold_mask_jax)(jnp.asarray(after)))
+    assert np.any(got != np.asarray(previous))  # the change moved the mask, and the update saw it
+    np.testing.assert_array_equal(got, expected)
+    # rows far from any change are copied: a stale previous mask shows through there
+    stale = np.asarray(update(jnp.asarray(after), jnp.ones_like(previous), jnp.zeros_like(previous)))
+    assert stale[1:-1, 1:-1].all() and not stale[0].any()
+
+
+@needs_kernel
 def test_dispatch_puts_the_kernel_in_cpu_programs():
     disp, volume = jnp.zeros((3, 4, 4, 4)), jnp.zeros((4, 4, 4))
     program = jax.jit(lambda d, v: cpu_kernels.trilinear_with_slopes(d, v, _sample_with_slopes)).lower(disp, volume)
