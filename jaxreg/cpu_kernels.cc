@@ -1,7 +1,7 @@
 // Hand-written CPU kernels that jaxreg's jitted programs call through XLA's FFI (see cpu_kernels.py).
 //
-// jaxreg_trilinear: the trilinear value of a volume at x + disp(x) and its derivative along each
-// axis, from one read of the eight corners. XLA's CPU gather copies element by element and the
+// jaxreg_trilinear: the trilinear value of a one-channel volume at x + disp(x) and its derivative
+// along each axis, from one read of the eight corners. XLA's CPU gather copies element by element and the
 // corner index it needs is itself a full-size pass; this loop does both in one sweep.
 //
 // jaxreg_warped_ssd: the feature level's SSD and its gradient from the same samples, reduced over
@@ -72,19 +72,19 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t chunk, Body body) {
 }
 
 // The trilinear value of corners s (index 4a + 2b + e for offsets (a, b, e)) at fractions
-// (fx, fy, fz), and its derivative along each axis, written `stride` apart from `slope`.
-inline void Combine(const float* s, float fx, float fy, float fz, float* value, float* slope,
-                    int64_t stride) {
+// (fx, fy, fz), and its derivative along each axis. Inlined into vectorised loops.
+inline void Interpolate(const float s[8], float fx, float fy, float fz, float& value, float& dx, float& dy,
+                        float& dz) {
   const float dz00 = s[1] - s[0], dz01 = s[3] - s[2], dz10 = s[5] - s[4], dz11 = s[7] - s[6];
   const float c00 = s[0] + fz * dz00, c01 = s[2] + fz * dz01;
   const float c10 = s[4] + fz * dz10, c11 = s[6] + fz * dz11;
   const float dy0 = c01 - c00, dy1 = c11 - c10;
   const float c0 = c00 + fy * dy0, c1 = c10 + fy * dy1;
   const float dz0 = dz00 + fy * (dz01 - dz00), dz1 = dz10 + fy * (dz11 - dz10);
-  *value = c0 + fx * (c1 - c0);
-  slope[0] = c1 - c0;
-  slope[stride] = dy0 + fx * (dy1 - dy0);
-  slope[2 * stride] = dz0 + fx * (dz1 - dz0);
+  value = c0 + fx * (c1 - c0);
+  dx = c1 - c0;
+  dy = dy0 + fx * (dy1 - dy0);
+  dz = dz0 + fx * (dz1 - dz0);
 }
 
 // Channel c of the eight corners (index 4a + 2b + e) of the cell whose low corner is (lx, ly, lz),
@@ -104,7 +104,7 @@ inline void CornersNearEdge(const float* vol, int64_t VX, int64_t VY, int64_t VZ
 
 // One row (fixed x, y) of the one-channel case, written without branches so that the compiler can
 // vectorise it with gathers: corner indices are clamped into the volume and the corners outside
-// are multiplied by 0. Same results as the general path below.
+// are multiplied by 0.
 void TrilinearRow(const float* __restrict__ ux, const float* __restrict__ uy,
                                 const float* __restrict__ uz, float x, float y, int64_t Z,
                                 const float* __restrict__ vol, int64_t VX, int64_t VY, int64_t VZ,
@@ -140,77 +140,13 @@ void TrilinearRow(const float* __restrict__ ux, const float* __restrict__ uy,
                         vol[r01 + z0] * (in_x0 * in_y1 * in_z0), vol[r01 + z1] * (in_x0 * in_y1 * in_z1),
                         vol[r10 + z0] * (in_x1 * in_y0 * in_z0), vol[r10 + z1] * (in_x1 * in_y0 * in_z1),
                         vol[r11 + z0] * (in_x1 * in_y1 * in_z0), vol[r11 + z1] * (in_x1 * in_y1 * in_z1)};
-    const float dz00 = s[1] - s[0], dz01 = s[3] - s[2], dz10 = s[5] - s[4], dz11 = s[7] - s[6];
-    const float c00 = s[0] + fz * dz00, c01 = s[2] + fz * dz01, c10 = s[4] + fz * dz10, c11 = s[6] + fz * dz11;
-    const float dy0 = c01 - c00, dy1 = c11 - c10;
-    const float c0 = c00 + fy * dy0, c1 = c10 + fy * dy1;
-    const float dz0 = dz00 + fy * (dz01 - dz00), dz1 = dz10 + fy * (dz11 - dz10);
-    value[z] = finite ? c0 + fx * (c1 - c0) : nan;
-    slope_x[z] = finite ? c1 - c0 : nan;
-    slope_y[z] = finite ? dy0 + fx * (dy1 - dy0) : nan;
-    slope_z[z] = finite ? dz0 + fx * (dz1 - dz0) : nan;
+    float v, dx, dy, dz;
+    Interpolate(s, fx, fy, fz, v, dx, dy, dz);
+    value[z] = finite ? v : nan;
+    slope_x[z] = finite ? dx : nan;
+    slope_y[z] = finite ? dy : nan;
+    slope_z[z] = finite ? dz : nan;
   }
-}
-
-// value (X,Y,Z,C) and slopes (3,X,Y,Z,C) of volume (VX,VY,VZ,C) at x + disp(x); disp (3,X,Y,Z) in
-// voxels. Corners outside the volume count as 0 (jaxreg.warp's "zeros" mode); a non-finite
-// displacement gives NaN. kChannels > 0 fixes C at compile time (0: read it from the shape).
-template <int64_t kChannels>
-ffi::Error Trilinear(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& disp, ffi::Buffer<ffi::F32>& volume,
-                     ffi::ResultBuffer<ffi::F32>& value, ffi::ResultBuffer<ffi::F32>& slopes) {
-  const auto d = disp.dimensions();
-  const auto v = volume.dimensions();
-  const int64_t X = d[1], Y = d[2], Z = d[3], N = X * Y * Z;
-  const int64_t VX = v[0], VY = v[1], VZ = v[2];
-  const int64_t C = kChannels > 0 ? kChannels : (v.size() > 3 ? v[3] : 1);
-  const int64_t sz = C, sy = VZ * C, sx = VY * VZ * C;  // corner strides in the volume
-  const float* u = disp.typed_data();
-  const float* vol = volume.typed_data();
-  float* out = value->typed_data();
-  float* slope = slopes->typed_data();
-  const float nan = std::numeric_limits<float>::quiet_NaN();
-  ParallelFor(pool, X * Y, 8, [=](int64_t begin, int64_t end) {
-    for (int64_t xy = begin; xy < end; ++xy) {
-      const float x = static_cast<float>(xy / Y), y = static_cast<float>(xy % Y);
-      const float* ux = u + xy * Z;
-      const float* uy = ux + N;
-      const float* uz = uy + N;
-      if (kChannels == 1) {
-        float* row = out + xy * Z;
-        float* row_slope = slope + xy * Z;
-        TrilinearRow(ux, uy, uz, x, y, Z, vol, VX, VY, VZ, row, row_slope, row_slope + N, row_slope + 2 * N);
-        continue;
-      }
-      for (int64_t z = 0; z < Z; ++z) {
-        const int64_t at = (xy * Z + z) * C;
-        const float px = x + ux[z], py = y + uy[z], pz = static_cast<float>(z) + uz[z];
-        if (!(std::isfinite(px) && std::isfinite(py) && std::isfinite(pz))) {
-          for (int64_t c = 0; c < C; ++c) {
-            out[at + c] = slope[at + c] = slope[N * C + at + c] = slope[2 * N * C + at + c] = nan;
-          }
-          continue;
-        }
-        const float lx = std::floor(px), ly = std::floor(py), lz = std::floor(pz);
-        const float fx = px - lx, fy = py - ly, fz = pz - lz;
-        float s[8];
-        if (lx >= 0.f && lx <= VX - 2 && ly >= 0.f && ly <= VY - 2 && lz >= 0.f && lz <= VZ - 2) {
-          const float* corner = vol + ((static_cast<int64_t>(lx) * VY + static_cast<int64_t>(ly)) * VZ +
-                                       static_cast<int64_t>(lz)) * C;
-          for (int64_t c = 0; c < C; ++c, ++corner) {
-            s[0] = corner[0], s[1] = corner[sz], s[2] = corner[sy], s[3] = corner[sy + sz];
-            s[4] = corner[sx], s[5] = corner[sx + sz], s[6] = corner[sx + sy], s[7] = corner[sx + sy + sz];
-            Combine(s, fx, fy, fz, out + at + c, slope + at + c, N * C);
-          }
-          continue;
-        }
-        for (int64_t c = 0; c < C; ++c) {
-          CornersNearEdge(vol, VX, VY, VZ, C, c, lx, ly, lz, s);
-          Combine(s, fx, fy, fz, out + at + c, slope + at + c, N * C);
-        }
-      }
-    }
-  });
-  return ffi::Error::Success();
 }
 
 constexpr int64_t kMaxChannels = 64;
@@ -221,17 +157,9 @@ void CombineChannels(const float* __restrict__ corner, int64_t C, int64_t sx, in
                      float fy, float fz, float* __restrict__ value, float* __restrict__ dx, float* __restrict__ dy,
                      float* __restrict__ dz) {
   for (int64_t c = 0; c < C; ++c) {
-    const float s0 = corner[c], s1 = corner[sz + c], s2 = corner[sy + c], s3 = corner[sy + sz + c];
-    const float s4 = corner[sx + c], s5 = corner[sx + sz + c], s6 = corner[sx + sy + c], s7 = corner[sx + sy + sz + c];
-    const float dz00 = s1 - s0, dz01 = s3 - s2, dz10 = s5 - s4, dz11 = s7 - s6;
-    const float c00 = s0 + fz * dz00, c01 = s2 + fz * dz01, c10 = s4 + fz * dz10, c11 = s6 + fz * dz11;
-    const float dy0 = c01 - c00, dy1 = c11 - c10;
-    const float c0 = c00 + fy * dy0, c1 = c10 + fy * dy1;
-    const float dz0 = dz00 + fy * (dz01 - dz00), dz1 = dz10 + fy * (dz11 - dz10);
-    value[c] = c0 + fx * (c1 - c0);
-    dx[c] = c1 - c0;
-    dy[c] = dy0 + fx * (dy1 - dy0);
-    dz[c] = dz0 + fx * (dz1 - dz0);
+    const float s[8] = {corner[c], corner[sz + c], corner[sy + c], corner[sy + sz + c],
+                        corner[sx + c], corner[sx + sz + c], corner[sx + sy + c], corner[sx + sy + sz + c]};
+    Interpolate(s, fx, fy, fz, value[c], dx[c], dy[c], dz[c]);
   }
 }
 
@@ -275,9 +203,7 @@ ffi::Error WarpedSsdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> disp, ffi::
         } else {
           for (int64_t c = 0; c < C; ++c) {
             CornersNearEdge(vol, VX, VY, VZ, C, c, lx, ly, lz, s);
-            float slope[3];
-            Combine(s, fx, fy, fz, value + c, slope, 1);
-            dx[c] = slope[0], dy[c] = slope[1], dz[c] = slope[2];
+            Interpolate(s, fx, fy, fz, value[c], dx[c], dy[c], dz[c]);
           }
         }
         const float* f = target + v * C;
@@ -295,17 +221,31 @@ ffi::Error WarpedSsdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> disp, ffi::
   return ffi::Error::Success();
 }
 
+// value (X,Y,Z) and slopes (3,X,Y,Z) of a one-channel volume (VX,VY,VZ) at x + disp(x); disp
+// (3,X,Y,Z) in voxels. Corners outside the volume count as 0 (jaxreg.warp's "zeros" mode); a
+// non-finite displacement gives NaN. (Several channels: jaxreg_warped_ssd reduces them in its loop.)
 ffi::Error TrilinearImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> disp, ffi::Buffer<ffi::F32> volume,
                          ffi::ResultBuffer<ffi::F32> value, ffi::ResultBuffer<ffi::F32> slopes) {
-  if (disp.dimensions().size() != 4 || disp.dimensions()[0] != 3 || volume.dimensions().size() < 3 ||
-      volume.dimensions().size() > 4) {
-    return ffi::Error::InvalidArgument("jaxreg_trilinear: disp must be (3,X,Y,Z), volume (X,Y,Z[,C])");
+  const auto d = disp.dimensions();
+  const auto v = volume.dimensions();
+  if (d.size() != 4 || d[0] != 3 || v.size() != 3) {
+    return ffi::Error::InvalidArgument("jaxreg_trilinear: disp must be (3,X,Y,Z), volume (X,Y,Z)");
   }
-  const bool one_channel = volume.dimensions().size() == 3 || volume.dimensions()[3] == 1;
-  return one_channel ? Trilinear<1>(pool, disp, volume, value, slopes)
-                     : Trilinear<0>(pool, disp, volume, value, slopes);
+  const int64_t X = d[1], Y = d[2], Z = d[3], N = X * Y * Z;
+  const float* u = disp.typed_data();
+  const float* vol = volume.typed_data();
+  float* out = value->typed_data();
+  float* slope = slopes->typed_data();
+  ParallelFor(pool, X * Y, 8, [=](int64_t begin, int64_t end) {
+    for (int64_t xy = begin; xy < end; ++xy) {
+      const float* ux = u + xy * Z;
+      float* row_slope = slope + xy * Z;
+      TrilinearRow(ux, ux + N, ux + 2 * N, static_cast<float>(xy / Y), static_cast<float>(xy % Y), Z, vol, v[0], v[1],
+                   v[2], out + xy * Z, row_slope, row_slope + N, row_slope + 2 * N);
+    }
+  });
+  return ffi::Error::Success();
 }
-
 
 // J's row a at voxel (x, y, z): the forward difference of the three components along axis a, plus
 // e_a. Only called inside the common interior (no index past the end).

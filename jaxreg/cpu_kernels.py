@@ -53,6 +53,9 @@ TARGETS = {  # FFI target name: the handler's symbol in the library
 FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC",
          "-w")
 
+MAX_CHANNELS = 64  # kMaxChannels in cpu_kernels.cc: jaxreg_warped_ssd's per-cell buffers
+MAX_BOX_SIZE = 33  # 2 kMaxRadius + 1: the widest window jaxreg_box takes
+
 _lock = threading.Lock()
 _state: dict = {}  # "ready": bool once decided; "library": the loaded ctypes library
 
@@ -142,13 +145,16 @@ def on_cpu(native, jax_path, *args):
 
 
 def trilinear_with_slopes(disp: jnp.ndarray, volume: jnp.ndarray, jax_path):
-    """(value, [d/dx, d/dy, d/dz]) of `volume` (X,Y,Z) or (X,Y,Z,C) sampled trilinearly at
-    ``x + disp(x)``, corners outside counting as 0; ``jax_path(disp, volume)`` computes the same."""
+    """(value, [d/dx, d/dy, d/dz]) of `volume` (X,Y,Z) sampled trilinearly at ``x + disp(x)``,
+    corners outside counting as 0; ``jax_path(disp, volume)`` computes the same (and serves volumes
+    with channels, which the kernel does not take)."""
+    if volume.ndim != 3:
+        return jax_path(disp, volume)
     return on_cpu(_native_trilinear, jax_path, disp, volume)
 
 
 def _native_trilinear(disp: jnp.ndarray, volume: jnp.ndarray):
-    shape = disp.shape[1:] + volume.shape[3:]
+    shape = disp.shape[1:]
     call = jax.ffi.ffi_call("jaxreg_trilinear", (jax.ShapeDtypeStruct(shape, jnp.float32),
                                                  jax.ShapeDtypeStruct((3,) + shape, jnp.float32)),
                             vmap_method="sequential")
@@ -158,8 +164,9 @@ def _native_trilinear(disp: jnp.ndarray, volume: jnp.ndarray):
 
 def warped_ssd_and_gradient(disp: jnp.ndarray, moving: jnp.ndarray, fixed: jnp.ndarray, jax_path):
     """(mean over cells of sum over channels of (moving(x + disp) - fixed)^2, its gradient wrt disp),
-    moving and fixed (X,Y,Z,C) with C <= 64; ``jax_path(disp, moving, fixed)`` computes the same."""
-    if moving.ndim != 4 or moving.shape[-1] > 64:
+    moving and fixed (X,Y,Z,C); ``jax_path(disp, moving, fixed)`` computes the same (and serves more
+    than MAX_CHANNELS channels)."""
+    if moving.ndim != 4 or moving.shape[-1] > MAX_CHANNELS:
         return jax_path(disp, moving, fixed)
     return on_cpu(_native_warped_ssd, jax_path, disp, moving, fixed)
 
@@ -248,8 +255,8 @@ def _native_coupled_argmin(cost, offsets, centre, weight: float):
 
 
 def box_average(x: jnp.ndarray, size: int, axes, edge: bool) -> jnp.ndarray:
-    """The kernel's box average of odd width `size` along `axes` (a subset of the last three),
-    edge-replicated or zero-padded: what :func:`jaxreg.filters.box_filter` computes."""
+    """The kernel's box average of odd width `size` (at most MAX_BOX_SIZE) along `axes` (a subset of
+    the last three), edge-replicated or zero-padded: what :func:`jaxreg.filters.box_filter` computes."""
     mask = sum(1 << (a % x.ndim - (x.ndim - 3)) for a in axes)
     volumes = x.reshape((-1,) + x.shape[-3:]).astype(jnp.float32)
     call = jax.ffi.ffi_call("jaxreg_box", jax.ShapeDtypeStruct(volumes.shape, jnp.float32), vmap_method="sequential")

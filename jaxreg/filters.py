@@ -47,7 +47,7 @@ def box_filter(x: jnp.ndarray, size: int = 3, axes=SPATIAL, mode: str = "zeros")
         return x
     axes = tuple(sorted({a % x.ndim for a in axes}))
     jax_path = functools.partial(_box_filter_jax, size=size, axes=axes, mode=mode)
-    if x.ndim < 3 or axes[0] < x.ndim - 3 or size > 33:  # the kernel's reach: last three axes, width 33
+    if x.ndim < 3 or axes[0] < x.ndim - 3 or size > cpu_kernels.MAX_BOX_SIZE:  # the kernel's reach
         return jax_path(x)
     return cpu_kernels.on_cpu(lambda v: _native_box(v, size, axes, mode), jax_path, x)
 
