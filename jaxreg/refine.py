@@ -47,6 +47,15 @@ def _use_hand_gradient(function, value_and_gradient, nondiff_argnums=()) -> None
     function.defvjp(forward, backward)
 
 
+def _corner_index(disp, shape):
+    """The flat index (8, x, y, z) in a grid of `shape` of the eight trilinear corners of
+    ``x + disp(x)``, corner-major (corners outside point at ``prod(shape)``, an all-zero row the
+    callers append), and the per-axis weights of each corner."""
+    corners = trilinear_corners(identity_grid(disp.shape[1:]) + disp, shape, "zeros")
+    outside = shape[0] * shape[1] * shape[2]
+    return jnp.stack([jnp.where(valid, flat, outside) for flat, _, valid in corners]), [w for _, w, _ in corners]
+
+
 def _corner_samples(disp, moving):
     """The eight trilinear corners of `moving` (X, Y, Z) or (X, Y, Z, C) at ``x + disp(x)``:
     (samples (8, x, y, z) + channels, per-axis weights per corner); zeros outside the grid.
@@ -55,13 +64,19 @@ def _corner_samples(disp, moving):
     recomputing their indices). Corner-major: writing an index that interleaves the 8 corners of each
     cell made a full-resolution step about 15 % slower.
     """
-    shape, channels = moving.shape[:3], moving.shape[3:]
-    corners = trilinear_corners(identity_grid(disp.shape[1:]) + disp, shape, "zeros")
-    outside = shape[0] * shape[1] * shape[2]  # index of an all-zero row
+    channels = moving.shape[3:]
+    index, weights = _corner_index(disp, moving.shape[:3])
     flat_moving = jnp.concatenate([moving.reshape((-1,) + channels), jnp.zeros((1,) + channels, moving.dtype)])
-    index = jnp.stack([jnp.where(valid, flat, outside) for flat, _, valid in corners])
-    samples = flat_moving.at[index].get(mode="promise_in_bounds")
-    return samples, [w for _, w, _ in corners]
+    return flat_moving.at[index].get(mode="promise_in_bounds"), weights
+
+
+def _corner_samples_by_channel(disp, moving):
+    """:func:`_corner_samples` of a channels-last (X, Y, Z, C) `moving` as (C, 8, x, y, z): one scalar
+    gather per channel through the shared index, instead of one gather of C-float rows."""
+    index, weights = _corner_index(disp, moving.shape[:3])
+    by_channel = jnp.moveaxis(moving, -1, 0).reshape(moving.shape[-1], -1)
+    flat_moving = jnp.pad(by_channel, ((0, 0), (0, 1)))
+    return jax.vmap(lambda channel: channel.at[index].get(mode="promise_in_bounds"))(flat_moving), weights
 
 
 def _corner_slopes(weights, axis: int) -> list:
@@ -73,20 +88,21 @@ def _corner_slopes(weights, axis: int) -> list:
     return slopes
 
 
-def _interpolate(samples, weights):
-    """From :func:`_corner_samples`: the trilinear value at ``x + disp(x)`` and its derivative along
-    each axis (the corner samples weighted by the corner slopes), channels kept."""
-    def times(w, k):  # a per-cell factor times corner k's samples, broadcast over channels
-        return (w if samples.ndim == 4 else w[..., None]) * samples[k]
-
-    value = sum(times(w[0] * w[1] * w[2], k) for k, w in enumerate(weights))
-    slopes = [sum(times(s, k) for k, s in enumerate(_corner_slopes(weights, axis))) for axis in range(3)]
+def _interpolate(corners, weights):
+    """The trilinear value at ``x + disp(x)`` and its derivative along each axis, from the eight
+    corner samples `corners` (each broadcasting against its per-axis `weights`)."""
+    value = sum(w[0] * w[1] * w[2] * corner for corner, w in zip(corners, weights))
+    slopes = [sum(s * corner for corner, s in zip(corners, _corner_slopes(weights, axis))) for axis in range(3)]
     return value, slopes
 
 
 def _sample_with_slopes(disp, moving):
-    """The JAX path of :func:`cpu_kernels.trilinear_with_slopes` (GPU, TPU, CPU without a compiler)."""
-    return _interpolate(*_corner_samples(disp, moving))
+    """The JAX path of :func:`cpu_kernels.trilinear_with_slopes` (GPU, TPU, CPU without a compiler):
+    `moving` (X, Y, Z) or channels-last (X, Y, Z, C), the value and slopes shaped alike."""
+    samples, weights = _corner_samples(disp, moving)
+    if samples.ndim > 4:  # channels last: the per-cell weights broadcast over them
+        weights = [[w[..., None] for w in corner] for corner in weights]
+    return _interpolate(list(samples), weights)
 
 
 def _ssd_and_gradient(disp, moving, fixed):
@@ -99,16 +115,36 @@ def _ssd_and_gradient_jax(disp, moving, fixed):
 
     disp (3, x, y, z) in cells; moving, fixed (x, y, z, C) channels-last; zeros outside the grid.
     The value and the exact derivative of the trilinear interpolation come from the same samples.
-    The gradient along each axis is residual . (derivative of the warped features along it): three
-    reductions over the channels instead of one per corner (eight short reductions took half a step).
+    CPU programs gather C-channel rows; other platforms gather channel by channel. Measured on an
+    H200 (jax 0.11.2, 80x112x96 cells, 13 channels): 0.75 ms against 2.3 ms per call, and the 40
+    feature steps 36 ms against 207 ms, compiled in seconds instead of 56 s (next to the fold penalty,
+    XLA's GPU fusion of the row gather went wrong). On this CPU the rows are 2x faster (186 against
+    361 ms per call).
     """
-    shape = disp.shape[1:]
+    return jax.lax.platform_dependent(disp, moving, fixed, cpu=_ssd_and_gradient_rows,
+                                      default=_ssd_and_gradient_by_channel)
+
+
+def _ssd_and_gradient_rows(disp, moving, fixed):
+    """:func:`_ssd_and_gradient_jax` from a row gather. The gradient along each axis is residual .
+    (derivative of the warped features along it): three reductions over the channels instead of one
+    per corner (eight short reductions took half a step)."""
     warped, slopes = _sample_with_slopes(disp, moving)
-    residual = warped - fixed
-    gradient = [jnp.sum(residual * slope, axis=-1) for slope in slopes]
-    count = float(shape[0] * shape[1] * shape[2])
-    loss = jnp.sum(residual * residual) / count
-    return loss, jnp.stack(gradient) * (2.0 / count)
+    return _ssd_from(warped - fixed, slopes, channel_axis=-1)
+
+
+def _ssd_and_gradient_by_channel(disp, moving, fixed):
+    """:func:`_ssd_and_gradient_jax` from one gather per channel, channels first throughout."""
+    samples, weights = _corner_samples_by_channel(disp, moving)
+    warped, slopes = _interpolate([samples[:, k] for k in range(samples.shape[1])], weights)
+    return _ssd_from(warped - jnp.moveaxis(fixed, -1, 0), slopes, channel_axis=0)
+
+
+def _ssd_from(residual, slopes, channel_axis: int):
+    """The mean over cells of the summed squared `residual`, and its gradient from the `slopes`."""
+    count = float(residual.size // residual.shape[channel_axis])
+    gradient = jnp.stack([jnp.sum(residual * slope, axis=channel_axis) for slope in slopes])
+    return jnp.sum(residual * residual) / count, gradient * (2.0 / count)
 
 
 def fixed_window_statistics(fixed: jnp.ndarray, window: int):
