@@ -11,9 +11,11 @@
 // the cofactors and their nine fluxes at every voxel; they are non-zero only where det J < margin,
 // a small fraction of the grid, so this kernel computes them there alone.
 //
-// jaxreg_fold_mask: the voxels where one of LUMIR's ten digital Jacobians is negative, for the fold
-// repair's rounds (XLA formed the ten determinants as separate full-size passes);
-// jaxreg_fold_mask_update recomputes it only next to the voxels a round changed.
+// jaxreg_fold_mask: the voxels where one of LUMIR's ten digital Jacobians is negative (XLA formed the
+// ten determinants as separate full-size passes).
+//
+// jaxreg_unfold: the whole fold repair (jaxreg.unfold) in one call. Its rounds touch only the rows
+// near folding voxels, where XLA's loop smoothed and re-masked the whole field every round.
 //
 // jaxreg_cost_volume: the coarse search's matching cost of every candidate offset, row by row with the
 // row's features in cache (XLA re-read both feature stacks from memory for each of the 125 offsets).
@@ -287,16 +289,19 @@ bool RowHasPositive(const float* row, int64_t n) {
 // One row (fixed x, y, inside) of the fold mask: any of the ten digital Jacobians of
 // phi = x + disp negative (jaxreg.jacobians.digital_jacobians, with phi formed and differenced in
 // float32 as unfold.fold_mask does). u0, u1, u2: the row's components; sx, sy: strides along x, y.
+// Only voxels z in [z_begin, z_end) are written (the border ones as false).
 void FoldMaskRow(const float* __restrict__ u0, const float* __restrict__ u1, const float* __restrict__ u2,
-                 int64_t sx, int64_t sy, float x, float y, int64_t Z, bool* __restrict__ out) {
-  out[0] = out[Z - 1] = false;
+                 int64_t sx, int64_t sy, float x, float y, int64_t Z, int64_t z_begin, int64_t z_end,
+                 bool* __restrict__ out) {
+  if (z_begin <= 0) out[0] = false;
+  if (z_end >= Z) out[Z - 1] = false;
   // offsets of the 12 neighbours: +-x, +-y, +-z, then J*1's (-1,-1,0), (-1,0,-1), (0,-1,-1) and
   // J*2's (1,1,0), (0,1,1), (1,0,1)
   const int steps[12][3] = {{1, 0, 0}, {-1, 0, 0}, {0, 1, 0}, {0, -1, 0}, {0, 0, 1}, {0, 0, -1},
                             {-1, -1, 0}, {-1, 0, -1}, {0, -1, -1}, {1, 1, 0}, {0, 1, 1}, {1, 0, 1}};
   int64_t offset[12];
   for (int n = 0; n < 12; ++n) offset[n] = steps[n][0] * sx + steps[n][1] * sy + steps[n][2];
-  for (int64_t z = 1; z < Z - 1; ++z) {
+  for (int64_t z = std::max<int64_t>(1, z_begin); z < std::min(Z - 1, z_end); ++z) {
     const float zf = static_cast<float>(z);
     const float c0 = u0[z] + x, c1 = u1[z] + y, c2 = u2[z] + zf;  // phi at the voxel
     float d[12][3];  // phi(neighbour) - phi(voxel)
@@ -325,56 +330,182 @@ void FoldMaskRow(const float* __restrict__ u0, const float* __restrict__ u1, con
   }
 }
 
-// mask (X,Y,Z): voxels where one of the ten digital Jacobians of x + disp(x) is negative; the
-// one-voxel border is false. With `previous` and `changed` (both (X,Y,Z), or null): a row is
-// recomputed only if `changed` is true somewhere in the 3x3 rows around it, else copied from
-// `previous` (a voxel's Jacobians read phi within one voxel of it, so elsewhere nothing moved).
-void FoldMaskRows(ffi::ThreadPool& pool, const float* u, int64_t X, int64_t Y, int64_t Z, const bool* previous,
-                  const bool* changed, bool* out) {
+// Row xy of the fold mask (X,Y,Z), voxels z in [z_begin, z_end): one of the ten digital Jacobians
+// of x + disp(x) negative; the one-voxel border is false. A voxel's Jacobians read phi within one
+// voxel of it.
+void FoldMaskRow(const float* u, int64_t X, int64_t Y, int64_t Z, int64_t xy, int64_t z_begin, int64_t z_end,
+                 bool* mask) {
+  const int64_t x = xy / Y, y = xy % Y;
+  if (x == 0 || x == X - 1 || y == 0 || y == Y - 1 || Z < 3) {
+    std::fill(mask + xy * Z + z_begin, mask + xy * Z + z_end, false);
+    return;
+  }
   const int64_t N = X * Y * Z;
-  ParallelFor(pool, X * Y, 8, [=](int64_t begin, int64_t end) {
-    for (int64_t xy = begin; xy < end; ++xy) {
-      const int64_t x = xy / Y, y = xy % Y;
-      if (x == 0 || x == X - 1 || y == 0 || y == Y - 1 || Z < 3) {
-        std::fill(out + xy * Z, out + (xy + 1) * Z, false);
-        continue;
-      }
-      if (changed != nullptr) {
-        bool near = false;
-        for (int64_t i = x - 1; i <= x + 1 && !near; ++i) {
-          for (int64_t j = y - 1; j <= y + 1 && !near; ++j) {
-            const bool* row = changed + (i * Y + j) * Z;
-            near = std::find(row, row + Z, true) != row + Z;
-          }
-        }
-        if (!near) {
-          std::copy(previous + xy * Z, previous + (xy + 1) * Z, out + xy * Z);
-          continue;
-        }
-      }
-      const float* row = u + xy * Z;
-      FoldMaskRow(row, row + N, row + 2 * N, Y * Z, Z, static_cast<float>(x), static_cast<float>(y), Z,
-                  out + xy * Z);
-    }
-  });
+  const float* row = u + xy * Z;
+  FoldMaskRow(row, row + N, row + 2 * N, Y * Z, Z, static_cast<float>(x), static_cast<float>(y), Z, z_begin, z_end,
+              mask + xy * Z);
 }
 
 ffi::Error FoldMaskImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> disp, ffi::ResultBuffer<ffi::PRED> mask) {
   const auto d = disp.dimensions();
   if (d.size() != 4 || d[0] != 3) return ffi::Error::InvalidArgument("jaxreg_fold_mask: disp must be (3,X,Y,Z)");
-  FoldMaskRows(pool, disp.typed_data(), d[1], d[2], d[3], nullptr, nullptr, mask->typed_data());
+  const float* u = disp.typed_data();
+  const int64_t X = d[1], Y = d[2], Z = d[3];
+  bool* out = mask->typed_data();
+  ParallelFor(pool, X * Y, 8, [=](int64_t begin, int64_t end) {
+    for (int64_t xy = begin; xy < end; ++xy) FoldMaskRow(u, X, Y, Z, xy, 0, Z, out);
+  });
   return ffi::Error::Success();
 }
 
-ffi::Error FoldMaskUpdateImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> disp, ffi::Buffer<ffi::PRED> previous,
-                              ffi::Buffer<ffi::PRED> changed, ffi::ResultBuffer<ffi::PRED> mask) {
-  const auto d = disp.dimensions();
-  const int64_t count = d.size() == 4 ? d[1] * d[2] * d[3] : -1;
-  if (d.size() != 4 || d[0] != 3 || previous.element_count() != count || changed.element_count() != count) {
-    return ffi::Error::InvalidArgument("jaxreg_fold_mask_update: disp (3,X,Y,Z), previous and changed (X,Y,Z)");
+// The 3^3 box average of component u (X,Y,Z) at (x, y, z), border replicated, summed as
+// filters._box_filter_jax does: along x, then y, then z, each sum ((a + b) + c) / 3.
+inline float BoxAverage3(const float* u, int64_t X, int64_t Y, int64_t Z, int64_t x, int64_t y, int64_t z) {
+  auto clamp = [](int64_t i, int64_t n) { return i < 0 ? 0 : (i >= n ? n - 1 : i); };
+  float along_z[3];
+  for (int dz = -1; dz <= 1; ++dz) {
+    const int64_t k = clamp(z + dz, Z);
+    float along_y[3];
+    for (int dy = -1; dy <= 1; ++dy) {
+      const int64_t j = clamp(y + dy, Y);
+      const float a = u[(clamp(x - 1, X) * Y + j) * Z + k], b = u[(x * Y + j) * Z + k],
+                  c = u[(clamp(x + 1, X) * Y + j) * Z + k];
+      along_y[dy + 1] = ((a + b) + c) / 3.f;
+    }
+    along_z[dz + 1] = ((along_y[0] + along_y[1]) + along_y[2]) / 3.f;
   }
-  FoldMaskRows(pool, disp.typed_data(), d[1], d[2], d[3], previous.typed_data(), changed.typed_data(),
-               mask->typed_data());
+  return ((along_z[0] + along_z[1]) + along_z[2]) / 3.f;
+}
+
+// unfold.unfold: copy disp; then, while voxels fold and rounds remain, move the field on the folding
+// voxels (the first `local_rounds` rounds) or on the fold mask grown by a grow^3 box (later rounds)
+// `blend` of the way to its 3^3 box average of the previous round's field, and recompute the mask
+// within one voxel of the voxels that moved. After the copy and the first mask, each round reads and
+// writes only the stretch of each row (x, y) that lies near folding voxels.
+ffi::Error UnfoldImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> disp, ffi::ResultBuffer<ffi::F32> field_out,
+                      ffi::ResultBuffer<ffi::S32> rounds_out, ffi::ResultBuffer<ffi::S32> folding_out,
+                      int32_t rounds, int32_t local_rounds, int32_t grow, float blend) {
+  const auto d = disp.dimensions();
+  if (d.size() != 4 || d[0] != 3) return ffi::Error::InvalidArgument("jaxreg_unfold: disp must be (3,X,Y,Z)");
+  if (grow < 1 || grow % 2 != 1) return ffi::Error::InvalidArgument("jaxreg_unfold: grow must be odd and positive");
+  const int64_t X = d[1], Y = d[2], Z = d[3], N = X * Y * Z, rows = X * Y;
+  const float* in = disp.typed_data();
+  float* u = field_out->typed_data();
+  ParallelFor(pool, 3 * rows, 64, [=](int64_t begin, int64_t end) { std::copy(in + begin * Z, in + end * Z, u + begin * Z); });
+
+  std::unique_ptr<bool[]> mask(new bool[N]);
+  std::vector<int64_t> folds(rows, 0), fold_lo(rows, 0), fold_hi(rows, -1);  // per row: count, [lo, hi]
+  // per row: the stretch [lo, hi] whose mask is recomputed (hi < lo: none)
+  std::vector<int64_t> redo_lo(rows, 0), redo_hi(rows, Z - 1);
+  auto remask = [&](const std::vector<int64_t>& list) {
+    bool* m = mask.get();
+    ParallelFor(pool, static_cast<int64_t>(list.size()), 16, [&, m](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t xy = list[r];
+        FoldMaskRow(u, X, Y, Z, xy, redo_lo[xy], redo_hi[xy] + 1, m);
+        const bool* row = m + xy * Z;
+        int64_t count = 0, lo = Z, hi = -1;
+        for (int64_t z = 0; z < Z; ++z) {
+          if (!row[z]) continue;
+          ++count, lo = std::min(lo, z), hi = z;
+        }
+        folds[xy] = count, fold_lo[xy] = lo, fold_hi[xy] = hi;
+      }
+    });
+  };
+  std::vector<int64_t> list(rows);
+  for (int64_t xy = 0; xy < rows; ++xy) list[xy] = xy;
+  remask(list);
+  auto total = [&] {
+    int64_t n = 0;
+    for (int64_t c : folds) n += c;
+    return n;
+  };
+
+  std::unique_ptr<bool[]> near(new bool[N]);  // read only where written this round
+  std::unique_ptr<float[]> next(new float[3 * N]);
+  std::vector<int64_t> near_lo(rows), near_hi(rows);
+  int32_t done = 0;
+  auto run = [&](int g, int32_t last) {
+    const int64_t h = g / 2;
+    while (done < last && total() > 0) {
+      // rows with a voxel to move: within h rows (x, y) of a folding voxel; their stretch along z
+      std::vector<int64_t> moved;
+      for (int64_t xy = 0; xy < rows; ++xy) {
+        const int64_t x = xy / Y, y = xy % Y;
+        int64_t lo = Z, hi = -1;
+        for (int64_t i = std::max<int64_t>(0, x - h); i <= std::min(X - 1, x + h); ++i) {
+          for (int64_t j = std::max<int64_t>(0, y - h); j <= std::min(Y - 1, y + h); ++j) {
+            if (folds[i * Y + j] == 0) continue;
+            lo = std::min(lo, fold_lo[i * Y + j] - h), hi = std::max(hi, fold_hi[i * Y + j] + h);
+          }
+        }
+        if (hi < 0) continue;
+        near_lo[xy] = std::max<int64_t>(0, lo), near_hi[xy] = std::min(Z - 1, hi);
+        moved.push_back(xy);
+      }
+      // near: the folding voxels grown by h along every axis (box_filter(folded, g) > 0); next: the
+      // moved values, from the previous round's field
+      bool* nm = near.get();
+      const bool* m = mask.get();
+      float* nx = next.get();
+      ParallelFor(pool, static_cast<int64_t>(moved.size()), 16, [&, nm, m, nx](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t xy = moved[r], x = xy / Y, y = xy % Y, lo = near_lo[xy], hi = near_hi[xy];
+          bool* out = nm + xy * Z;
+          std::fill(out + lo, out + hi + 1, false);
+          for (int64_t i = std::max<int64_t>(0, x - h); i <= std::min(X - 1, x + h); ++i) {
+            for (int64_t j = std::max<int64_t>(0, y - h); j <= std::min(Y - 1, y + h); ++j) {
+              const int64_t ij = i * Y + j;
+              if (folds[ij] == 0) continue;
+              for (int64_t z = fold_lo[ij]; z <= fold_hi[ij]; ++z) {
+                if (!m[ij * Z + z]) continue;
+                for (int64_t k = std::max<int64_t>(lo, z - h); k <= std::min(hi, z + h); ++k) out[k] = true;
+              }
+            }
+          }
+          for (int c = 0; c < 3; ++c) {
+            const float* uc = u + c * N;
+            for (int64_t z = lo; z <= hi; ++z) {
+              if (!out[z]) continue;
+              const float f = uc[xy * Z + z];
+              nx[c * N + xy * Z + z] = f + blend * (BoxAverage3(uc, X, Y, Z, x, y, z) - f);
+            }
+          }
+        }
+      });
+      ParallelFor(pool, static_cast<int64_t>(moved.size()), 64, [&, nm, nx](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t xy = moved[r];
+          for (int64_t z = near_lo[xy]; z <= near_hi[xy]; ++z) {
+            if (!nm[xy * Z + z]) continue;
+            for (int c = 0; c < 3; ++c) u[c * N + xy * Z + z] = nx[c * N + xy * Z + z];
+          }
+        }
+      });
+      // the mask changes only within one voxel of a moved voxel
+      std::vector<char> stale(rows, 0);
+      for (int64_t xy : moved) {
+        const int64_t x = xy / Y, y = xy % Y;
+        for (int64_t i = std::max<int64_t>(0, x - 1); i <= std::min(X - 1, x + 1); ++i) {
+          for (int64_t j = std::max<int64_t>(0, y - 1); j <= std::min(Y - 1, y + 1); ++j) {
+            const int64_t ij = i * Y + j;
+            const int64_t lo = std::max<int64_t>(0, near_lo[xy] - 1), hi = std::min(Z - 1, near_hi[xy] + 1);
+            if (!stale[ij]) stale[ij] = 1, redo_lo[ij] = lo, redo_hi[ij] = hi;
+            else redo_lo[ij] = std::min(redo_lo[ij], lo), redo_hi[ij] = std::max(redo_hi[ij], hi);
+          }
+        }
+      }
+      list.clear();
+      for (int64_t xy = 0; xy < rows; ++xy) if (stale[xy]) list.push_back(xy);
+      remask(list);
+      ++done;
+    }
+  };
+  if (local_rounds > 0) run(1, std::min(local_rounds, rounds));
+  run(grow, rounds);
+  *rounds_out->typed_data() = done;
+  *folding_out->typed_data() = static_cast<int32_t>(total());
   return ffi::Error::Success();
 }
 
@@ -706,10 +837,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxregCostVolume, CostVolumeImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxregFoldMaskUpdate, FoldMaskUpdateImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxregUnfold, UnfoldImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Ret<ffi::Buffer<ffi::PRED>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int32_t>("rounds")
+                                  .Attr<int32_t>("local_rounds")
+                                  .Attr<int32_t>("grow")
+                                  .Attr<float>("blend"));

@@ -7,8 +7,8 @@ CPU code:
   element, and the corner index it reads is a full-size pass of its own);
 - the feature level's SSD and gradient, reduced over the channels in the same loop;
 - the fold penalty's gradient (non-zero on a small part of the grid, which XLA evaluates everywhere);
-- the fold repair's mask of negative digital Jacobians (ten determinants in one pass, and after a
-  round only next to the voxels it changed);
+- the fold repair: the mask of negative digital Jacobians (ten determinants in one pass) and all
+  the repair's rounds in one call, each touching only the rows near folding voxels;
 - the coarse search's cost volume (each row's features in cache for all candidates) and its coupled
   argmin (one pass over the cost volume per round);
 - box filters (one read and one write, where XLA makes a pass per axis).
@@ -42,7 +42,7 @@ SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 TARGETS = {  # FFI target name: the handler's symbol in the library
     "jaxreg_trilinear": "JaxregTrilinear", "jaxreg_warped_ssd": "JaxregWarpedSsd",
     "jaxreg_fold": "JaxregFold", "jaxreg_fold_mask": "JaxregFoldMask",
-    "jaxreg_fold_mask_update": "JaxregFoldMaskUpdate",
+    "jaxreg_unfold": "JaxregUnfold",
     "jaxreg_cost_volume": "JaxregCostVolume", "jaxreg_coupled_argmin": "JaxregCoupledArgmin",
     "jaxreg_box": "JaxregBox",
 }
@@ -209,17 +209,19 @@ def _native_fold_mask(disp: jnp.ndarray) -> jnp.ndarray:
     return call(disp.astype(jnp.float32))
 
 
-def fold_mask_update(disp: jnp.ndarray, previous: jnp.ndarray, changed: jnp.ndarray, jax_path) -> jnp.ndarray:
-    """:func:`fold_mask` of `disp` when it differs from the field of mask `previous` only where
-    `changed` (both (X,Y,Z) booleans) is true: the kernel recomputes the rows next to a change and
-    copies the rest; ``jax_path(disp)`` computes the whole mask."""
-    return on_cpu(_native_fold_mask_update, lambda d, p, c: jax_path(d), disp, previous, changed)
+def unfold(disp: jnp.ndarray, rounds: int, local_rounds: int, grow: int, blend: float, jax_path):
+    """The fold repair of :func:`jaxreg.unfold.unfold`: (field, rounds run, folding voxels left).
+    The kernel runs every round in one call and touches only the rows near folding voxels;
+    ``jax_path(disp)`` computes the same."""
+    return on_cpu(lambda d: _native_unfold(d, rounds, local_rounds, grow, blend), jax_path, disp)
 
 
-def _native_fold_mask_update(disp, previous, changed):
-    call = jax.ffi.ffi_call("jaxreg_fold_mask_update", jax.ShapeDtypeStruct(disp.shape[1:], jnp.bool_),
+def _native_unfold(disp, rounds: int, local_rounds: int, grow: int, blend: float):
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    call = jax.ffi.ffi_call("jaxreg_unfold", (jax.ShapeDtypeStruct(disp.shape, jnp.float32), scalar, scalar),
                             vmap_method="sequential")
-    return call(disp.astype(jnp.float32), previous.astype(jnp.bool_), changed.astype(jnp.bool_))
+    return call(disp.astype(jnp.float32), rounds=np.int32(rounds), local_rounds=np.int32(local_rounds),
+                grow=np.int32(grow), blend=np.float32(blend))
 
 
 def cost_volume(fixed, moving, offsets, jax_path):

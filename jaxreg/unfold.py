@@ -42,7 +42,15 @@ def unfold(disp: jnp.ndarray, config: UnfoldConfig) -> tuple[jnp.ndarray, jnp.nd
     A round moves the field, on the folding voxels (the first ``config.local_rounds`` rounds) or on the
     fold mask grown by a ``config.grow``^3 box (later rounds), ``config.blend`` of the way to its 3^3 box
     average (border replicated); the loop ends when no voxel folds or after ``config.rounds``.
+    In CPU programs one kernel runs all the rounds (:func:`cpu_kernels.unfold`).
     """
+    return cpu_kernels.unfold(disp, config.rounds, config.local_rounds, config.grow, config.blend,
+                              lambda d: _unfold_jax(d, config))
+
+
+def _unfold_jax(disp: jnp.ndarray, config: UnfoldConfig) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """:func:`unfold` as XLA code (GPU, TPU, CPU without the kernels): every round smooths and
+    re-masks the whole field."""
 
     def rounds_with(grow: int, last_round: int):
         def keep_going(state):
@@ -54,12 +62,11 @@ def unfold(disp: jnp.ndarray, config: UnfoldConfig) -> tuple[jnp.ndarray, jnp.nd
             near = folded if grow == 1 else box_filter(folded.astype(jnp.float32), grow) > 0
             smoothed = field + config.blend * (box_filter(field, 3, mode="edge") - field)
             field = jnp.where(near[None], smoothed, field)
-            # the mask travels to the next round, computed once; only voxels next to `near` can change
-            return field, rounds + 1, cpu_kernels.fold_mask_update(field, folded, near, _fold_mask_jax)
+            return field, rounds + 1, _fold_mask_jax(field)
 
         return keep_going, one_round
 
-    state = (disp, jnp.int32(0), fold_mask(disp))
+    state = (disp, jnp.int32(0), _fold_mask_jax(disp))
     if config.local_rounds > 0:
         state = jax.lax.while_loop(*rounds_with(1, min(config.local_rounds, config.rounds)), state)
     field, rounds, folded = jax.lax.while_loop(*rounds_with(config.grow, config.rounds), state)

@@ -12,7 +12,8 @@ import jaxreg  # noqa: F401
 from jaxreg import cpu_kernels
 from jaxreg.filters import _box_filter_jax, box_filter
 from jaxreg.refine import _fold_penalty_and_gradient_jax, _sample_with_slopes, _ssd_and_gradient_jax
-from jaxreg.unfold import _fold_mask_jax
+from jaxreg.config import UnfoldConfig
+from jaxreg.unfold import _fold_mask_jax, _unfold_jax, unfold
 from jaxreg.coarse import _coupled_argmin_jax, _squared_differences, search_offsets
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason=(
@@ -170,21 +171,29 @@ def test_coupled_argmin_kernel_picks_the_same_candidates_ties_included(weight):
 
 
 @needs_kernel
-def test_fold_mask_update_recomputes_next_to_the_changes_and_equals_the_whole_mask():
-    rng = np.random.default_rng(11)
-    before = rng.normal(0, 0.35, (3, 12, 13, 14)).astype(np.float32)
-    changed = np.zeros((12, 13, 14), bool)
-    changed[3:5, 6, 2:9] = changed[10, 11, 12] = True  # a block and a voxel next to the border
-    after = np.where(changed[None], rng.normal(0, 0.35, before.shape), before).astype(np.float32)
-    previous = jax.jit(_fold_mask_jax)(jnp.asarray(before))
-    update = jax.jit(lambda d, p, c: cpu_kernels.fold_mask_update(d, p, c, _fold_mask_jax))
-    got = np.asarray(update(jnp.asarray(after), previous, jnp.asarray(changed)))
-    expected = np.asarray(jax.jit(_fold_mask_jax)(jnp.asarray(after)))
-    assert np.any(got != np.asarray(previous))  # the change moved the mask, and the update saw it
-    np.testing.assert_array_equal(got, expected)
-    # rows far from any change are copied: a stale previous mask shows through there
-    stale = np.asarray(update(jnp.asarray(after), jnp.ones_like(previous), jnp.zeros_like(previous)))
-    assert stale[1:-1, 1:-1].all() and not stale[0].any()
+@pytest.mark.parametrize("rounds, local_rounds, grow, blend", [
+    (80, 10, 3, 0.3),  # lumir's: runs until no voxel folds
+    (4, 2, 5, 0.5),  # stops with folds left, after both kinds of round
+    (3, 0, 1, 0.3),  # no local rounds
+    (0, 10, 3, 0.3),  # no round at all: the field as it came, its folds counted
+])
+def test_unfold_kernel_runs_the_same_rounds_as_the_jax_path(monkeypatch, rounds, local_rounds, grow, blend):
+    rng = np.random.default_rng(12)
+    disp = jnp.asarray(rng.normal(0, 0.4, (3, 14, 15, 16)), jnp.float32)  # folds all over
+    config = UnfoldConfig(rounds=rounds, local_rounds=local_rounds, grow=grow, blend=blend)
+    field, done, left = jax.jit(lambda d: unfold(d, config))(disp)
+    assert "jaxreg_unfold" in jax.jit(lambda d: unfold(d, config)).lower(disp).as_text()
+    monkeypatch.setattr(cpu_kernels, "_state", {"ready": False})  # the reference: XLA code throughout
+    reference = jax.jit(lambda d: _unfold_jax(d, config))(disp)
+    assert "jaxreg_" not in jax.jit(lambda d: _unfold_jax(d, config)).lower(disp).as_text()
+    assert (int(done), int(left)) == (int(reference[1]), int(reference[2]))
+    assert int(jnp.sum(_fold_mask_jax(field))) == int(left)
+    np.testing.assert_allclose(field, reference[0], rtol=0, atol=1e-6)
+    if rounds == 0:
+        np.testing.assert_array_equal(field, disp)
+        assert int(left) > 100
+    elif rounds == 80:
+        assert int(left) == 0 and 10 < int(done) < 80
 
 
 @needs_kernel
