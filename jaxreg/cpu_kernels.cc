@@ -23,6 +23,10 @@
 // jaxreg_coupled_argmin: the coarse search's per-cell argmin over the candidates, in one pass over
 // the cost volume (XLA's loop over the candidates made several full passes per candidate).
 //
+// jaxreg_mind: MIND-SSC pooled (features.mind_ssc_pooled) in two sweeps over the image, each
+// plane's twelve patch SSDs filtered in cache: XLA stored the full-resolution SSD stack and read it
+// back three times.
+//
 // jaxreg_box: a centred box average along any of the three spatial axes, zero or edge padded. XLA
 // makes three passes over memory (one per axis); this kernel filters each plane along y and z in
 // cache and sums planes along x from a ring of filtered planes: one read and one write.
@@ -32,6 +36,8 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <mutex>
@@ -633,6 +639,185 @@ void RowWindow(const float* row, int64_t n, int r, bool edge, float scale, float
   }
 }
 
+// exp(x) for x <= 0 (below -87 it returns 2^-126 * ~1, not 0): Cephes' single-precision polynomial,
+// within 2 ulp of expf, written so that the calling loop vectorises (no libm call).
+inline float ExpNonPositive(float x) {
+  x = std::max(x, -87.f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+constexpr int kMindChannels = 12;
+
+// The patch SSDs of the twelve MIND-SSC pairs on the tile of planes [x0, x1) and rows [y0, y1),
+// box-summed over the (2r+1)^3 window (the SSD volume edge-replicated, as before ConvexAdam's box
+// filter) and scaled by `scale`: boxed (12, x1 - x0, y1 - y0, Z). `padded`: the image replicated
+// by `pad` voxels at every edge; pairs (12, 6): the two offsets of each channel. The tile's
+// intermediates (SSD rows, sums along z and y) stay in cache.
+void MindTile(const float* padded, int64_t X, int64_t Y, int64_t Z, int64_t pad, const int32_t* pairs, int r,
+              int64_t x0, int64_t x1, int64_t y0, int64_t y1, float scale, std::vector<float>& work, float* boxed) {
+  const int64_t PY = Y + 2 * pad, PZ = Z + 2 * pad, planes = x1 - x0 + 2 * r, rows = y1 - y0, halo = rows + 2 * r;
+  work.resize(Z + halo * Z + planes * kMindChannels * rows * Z);
+  float* row_ssd = work.data();
+  float* z_sums = row_ssd + Z;                // (halo, Z): one plane and channel
+  float* yz_sums = z_sums + halo * Z;         // (planes, 12, rows, Z)
+  const float* terms[2 * kMaxRadius + 1];
+  for (int64_t q = 0; q < planes; ++q) {
+    const int64_t p = std::min(std::max<int64_t>(x0 - r + q, 0), X - 1);
+    for (int k = 0; k < kMindChannels; ++k) {
+      const int32_t* o = pairs + 6 * k;
+      for (int64_t h = 0; h < halo; ++h) {
+        const int64_t y = std::min(std::max<int64_t>(y0 - r + h, 0), Y - 1);
+        const float* a = padded + ((p + pad + o[0]) * PY + y + pad + o[1]) * PZ + pad + o[2];
+        const float* b = padded + ((p + pad + o[3]) * PY + y + pad + o[4]) * PZ + pad + o[5];
+        for (int64_t z = 0; z < Z; ++z) {
+          const float d = a[z] - b[z];
+          row_ssd[z] = d * d;
+        }
+        RowWindow(row_ssd, Z, r, true, 1.f, z_sums + h * Z);
+      }
+      float* out = yz_sums + (q * kMindChannels + k) * rows * Z;
+      for (int64_t y = 0; y < rows; ++y) {
+        for (int j = 0; j <= 2 * r; ++j) terms[j] = z_sums + (y + j) * Z;
+        Sum(terms, 2 * r + 1, Z, 1.f, out + y * Z);
+      }
+    }
+  }
+  const int64_t block = rows * Z;
+  for (int64_t x = 0; x < x1 - x0; ++x) {
+    for (int k = 0; k < kMindChannels; ++k) {
+      for (int j = 0; j <= 2 * r; ++j) terms[j] = yz_sums + ((x + j) * kMindChannels + k) * block;
+      Sum(terms, 2 * r + 1, block, scale, boxed + (k * (x1 - x0) + x) * block);
+    }
+  }
+}
+
+// Per voxel v of boxed (12, n): low[v], the least of the twelve SSDs, and variance[v], the mean of
+// SSD - low. Loops over v innermost, so that they vectorise.
+void MinAndVariance(const float* boxed, int64_t n, float* __restrict__ low, float* __restrict__ variance) {
+  std::copy(boxed, boxed + n, low);
+  for (int k = 1; k < kMindChannels; ++k) {
+    const float* b = boxed + k * n;
+    for (int64_t v = 0; v < n; ++v) low[v] = std::min(low[v], b[v]);
+  }
+  std::fill(variance, variance + n, 0.f);
+  for (int k = 0; k < kMindChannels; ++k) {
+    const float* b = boxed + k * n;
+    for (int64_t v = 0; v < n; ++v) variance[v] += b[v] - low[v];
+  }
+  for (int64_t v = 0; v < n; ++v) variance[v] /= kMindChannels;
+}
+
+// mind (12, X/f, Y/f, Z/f): features.mind_ssc_pooled. Sweep 1 sums the per-voxel variance (mean over
+// the channels of SSD - min SSD) over the image for the clamp; sweep 2 forms exp(-(SSD - min) /
+// variance) and averages f^3 blocks. Tasks are tiles of a few planes and rows (multiples of f).
+ffi::Error MindImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> image, ffi::Buffer<ffi::S32> pairs,
+                    ffi::ResultBuffer<ffi::F32> mind, int32_t radius, int32_t factor) {
+  const auto d = image.dimensions();
+  if (d.size() != 3 || pairs.element_count() != 6 * kMindChannels || radius < 0 || radius > kMaxRadius ||
+      factor < 1) {
+    return ffi::Error::InvalidArgument("jaxreg_mind: image (X,Y,Z), pairs (12,6), 0 <= radius <= 16, factor >= 1");
+  }
+  const int64_t X = d[0], Y = d[1], Z = d[2], f = factor, r = radius;
+  const int32_t* o = pairs.typed_data();
+  int64_t pad = 0;
+  for (int i = 0; i < 6 * kMindChannels; ++i) pad = std::max<int64_t>(pad, std::abs(o[i]));
+  const int64_t PX = X + 2 * pad, PY = Y + 2 * pad, PZ = Z + 2 * pad;
+  std::vector<float> padded(PX * PY * PZ);
+  const float* img = image.typed_data();
+  float* pd = padded.data();
+  ParallelFor(pool, PX * PY, 64, [=](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t x = std::min(std::max<int64_t>(row / PY - pad, 0), X - 1);
+      const int64_t y = std::min(std::max<int64_t>(row % PY - pad, 0), Y - 1);
+      const float* src = img + (x * Y + y) * Z;
+      float* dst = pd + row * PZ;
+      for (int64_t z = 0; z < PZ; ++z) dst[z] = src[std::min(std::max<int64_t>(z - pad, 0), Z - 1)];
+    }
+  });
+  const int64_t span_x = std::max<int64_t>(f, (4 / f) * f), span_y = std::max<int64_t>(f, (16 / f) * f);
+  const int64_t tiles_y = (Y + span_y - 1) / span_y, tiles = (X + span_x - 1) / span_x * tiles_y;
+  const int64_t window = 2 * r + 1;
+  const float scale = 1.f / static_cast<float>(window * window * window);
+  // tile t: its box-filtered SSDs, then body(x0, x1, y0, y1, boxed (12, x1 - x0, y1 - y0, Z))
+  auto sweep = [&](int64_t t, std::vector<float>& work, std::vector<float>& boxed, auto&& body) {
+    const int64_t x0 = t / tiles_y * span_x, x1 = std::min(X, x0 + span_x);
+    const int64_t y0 = t % tiles_y * span_y, y1 = std::min(Y, y0 + span_y);
+    boxed.resize(kMindChannels * (x1 - x0) * (y1 - y0) * Z);
+    MindTile(pd, X, Y, Z, pad, o, static_cast<int>(r), x0, x1, y0, y1, scale, work, boxed.data());
+    body(x0, x1, y0, y1, boxed.data());
+  };
+  // sweep 1: the variance summed per tile (in double, added in tile order: the same sum every run)
+  std::vector<double> partial(tiles, 0.0);
+  ParallelFor(pool, tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> work, boxed, low, variance;
+    for (int64_t t = begin; t < end; ++t) {
+      sweep(t, work, boxed, [&](int64_t x0, int64_t x1, int64_t y0, int64_t y1, const float* b) {
+        const int64_t n = (x1 - x0) * (y1 - y0) * Z;
+        low.resize(n), variance.resize(n);
+        MinAndVariance(b, n, low.data(), variance.data());
+        double total = 0.0;
+        for (int64_t v = 0; v < n; ++v) total += variance[v];
+        partial[t] = total;
+      });
+    }
+  });
+  double total = 0.0;
+  for (double t : partial) total += t;
+  const float mean_variance = static_cast<float>(total / static_cast<double>(X * Y * Z));
+  const float low_bound = std::max(mean_variance * 1e-3f, 1e-12f), high_bound = std::max(mean_variance * 1e3f, 1e-12f);
+  // sweep 2: the descriptor, averaged over f^3 blocks (trailing voxels that fill no block dropped)
+  const int64_t OX = X / f, OY = Y / f, OZ = Z / f;
+  float* out = mind->typed_data();
+  const float block = 1.f / static_cast<float>(f * f * f);
+  ParallelFor(pool, tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> work, boxed, low, bound, value, column;
+    for (int64_t t = begin; t < end; ++t) {
+      sweep(t, work, boxed, [&](int64_t x0, int64_t x1, int64_t y0, int64_t y1, const float* b) {
+        const int64_t rows = y1 - y0, n = (x1 - x0) * rows * Z;
+        low.resize(n), bound.resize(n), value.resize(n), column.resize(Z);
+        MinAndVariance(b, n, low.data(), bound.data());
+        for (int64_t v = 0; v < n; ++v) bound[v] = std::min(std::max(bound[v], low_bound), high_bound);
+        for (int k = 0; k < kMindChannels; ++k) {
+          const float* bk = b + k * n;
+          for (int64_t v = 0; v < n; ++v) value[v] = ExpNonPositive(-((bk[v] - low[v]) / bound[v]));
+          // each f^3 block: its f^2 rows added, then f neighbours along z (whole blocks only)
+          for (int64_t xo = x0 / f; xo < std::min(OX, x1 / f); ++xo) {
+            for (int64_t yo = y0 / f; yo < std::min(OY, y1 / f); ++yo) {
+              std::fill(column.begin(), column.end(), 0.f);
+              for (int64_t x = xo * f; x < (xo + 1) * f; ++x) {
+                for (int64_t y = yo * f; y < (yo + 1) * f; ++y) {
+                  const float* v_row = value.data() + ((x - x0) * rows + (y - y0)) * Z;
+                  for (int64_t z = 0; z < Z; ++z) column[z] += v_row[z];
+                }
+              }
+              float* o_row = out + ((k * OX + xo) * OY + yo) * OZ;
+              for (int64_t zo = 0; zo < OZ; ++zo) {
+                float sum = 0.f;
+                for (int64_t j = 0; j < f; ++j) sum += column[zo * f + j];
+                o_row[zo] = sum * block;
+              }
+            }
+          }
+        }
+      });
+    }
+  });
+  return ffi::Error::Success();
+}
+
 // cost (n,X,Y,Z): for every candidate offset o_i (offsets (n,3), int32), the sum over channels of
 // (fixed_c(x) - moving_c(x + o_i))^2, moving zero outside; fixed, moving (C,X,Y,Z). One task per
 // (x, y) row: the row's fixed channels and the moving rows it reads stay in cache for all n offsets.
@@ -848,3 +1033,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxregUnfold, UnfoldImpl,
                                   .Attr<int32_t>("local_rounds")
                                   .Attr<int32_t>("grow")
                                   .Attr<float>("blend"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxregMind, MindImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("radius")
+                                  .Attr<int32_t>("factor"));

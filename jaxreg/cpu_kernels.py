@@ -1,6 +1,6 @@
 """Hand-written CPU kernels inside the jitted programs (XLA FFI), with the pure JAX path beside them.
 
-Seven pieces of the pipeline run several times faster as C++ loops (``cpu_kernels.cc``) than as XLA's
+Eight pieces of the pipeline run several times faster as C++ loops (``cpu_kernels.cc``) than as XLA's
 CPU code:
 
 - the trilinear sampling with slopes of the full-resolution level (XLA's gather copies element by
@@ -11,7 +11,9 @@ CPU code:
   the repair's rounds in one call, each touching only the rows near folding voxels;
 - the coarse search's cost volume (each row's features in cache for all candidates) and its coupled
   argmin (one pass over the cost volume per round);
-- box filters (one read and one write, where XLA makes a pass per axis).
+- box filters (one read and one write, where XLA makes a pass per axis);
+- MIND-SSC, pooled (each tile's twelve patch SSDs filtered in cache, where XLA stored the
+  full-resolution SSD stack and read it back three times).
 
 They are compiled with the system C++ compiler on first use and cached per source, jaxlib, compiler
 and CPU (``~/.cache/jaxreg/native``, or ``$JAXREG_NATIVE_DIR``). They serve CPU programs only: GPU
@@ -44,7 +46,7 @@ TARGETS = {  # FFI target name: the handler's symbol in the library
     "jaxreg_fold": "JaxregFold", "jaxreg_fold_mask": "JaxregFoldMask",
     "jaxreg_unfold": "JaxregUnfold",
     "jaxreg_cost_volume": "JaxregCostVolume", "jaxreg_coupled_argmin": "JaxregCoupledArgmin",
-    "jaxreg_box": "JaxregBox",
+    "jaxreg_box": "JaxregBox", "jaxreg_mind": "JaxregMind",
 }
 # -march=native vectorises the sampling loop (gathers); the cache key holds the CPU's features, so a
 # cache shared by cluster nodes keeps one library per kind of CPU. -fno-trapping-math lets the
@@ -254,6 +256,22 @@ def _native_coupled_argmin(cost, offsets, centre, weight: float):
                             vmap_method="sequential")
     return call(cost.astype(jnp.float32), offsets.astype(jnp.float32), centre.astype(jnp.float32),
                 weight=np.float32(weight))
+
+
+def mind_ssc_pooled(image: jnp.ndarray, radius: int, pairs, factor: int, jax_path) -> jnp.ndarray:
+    """MIND-SSC of `image` (X,Y,Z) averaged over factor^3 blocks: (12, X//f, Y//f, Z//f). `pairs`: the
+    twelve channels' two voxel offsets (:func:`jaxreg.features.mind_pairs`); ``jax_path(image)``
+    computes the same."""
+    if radius > MAX_BOX_SIZE // 2:  # the kernel's patch sums reach 16 voxels
+        return jax_path(image)
+    return on_cpu(lambda i: _native_mind(i, radius, pairs, factor), jax_path, image)
+
+
+def _native_mind(image, radius: int, pairs, factor: int):
+    shape = (len(pairs),) + tuple(n // factor for n in image.shape)
+    call = jax.ffi.ffi_call("jaxreg_mind", jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential")
+    return call(image.astype(jnp.float32), jnp.asarray(np.asarray(pairs, np.int32).reshape(len(pairs), 6)),
+                radius=np.int32(radius), factor=np.int32(factor))
 
 
 def box_average(x: jnp.ndarray, size: int, axes, edge: bool) -> jnp.ndarray:

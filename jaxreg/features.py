@@ -9,6 +9,7 @@ channels are in ConvexAdam's order so that features can be compared number for n
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import cpu_kernels
 from .filters import avg_pool, box_filter
 
 # The six neighbours as positions in a 3x3x3 stencil (ConvexAdam's order) and the channel permutation
@@ -54,6 +56,14 @@ def mind_ssc(image: jnp.ndarray, radius: int = 1, dilation: int = 2) -> jnp.ndar
 
 def mind_ssc_pooled(image: jnp.ndarray, radius: int = 1, dilation: int = 2, factor: int = 1,
                     slab: int = 16) -> jnp.ndarray:
+    """``avg_pool(mind_ssc(image), factor)``, (12, X//factor, Y//factor, Z//factor), without the
+    full-resolution descriptor: in CPU programs a kernel (:func:`cpu_kernels.mind_ssc_pooled`),
+    elsewhere :func:`_mind_ssc_pooled_jax`, slab by slab."""
+    jax_path = functools.partial(_mind_ssc_pooled_jax, radius=radius, dilation=dilation, factor=factor, slab=slab)
+    return cpu_kernels.mind_ssc_pooled(image, radius, mind_pairs(dilation), factor, jax_path)
+
+
+def _mind_ssc_pooled_jax(image: jnp.ndarray, radius: int, dilation: int, factor: int, slab: int) -> jnp.ndarray:
     """``avg_pool(mind_ssc(image), factor)`` computed slab by slab along axis 0 to bound memory.
 
     The full-resolution 12-channel descriptor and its temporaries (several GB for a LUMIR image)

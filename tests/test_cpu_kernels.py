@@ -10,7 +10,8 @@ from scipy import ndimage
 
 import jaxreg  # noqa: F401
 from jaxreg import cpu_kernels
-from jaxreg.filters import _box_filter_jax, box_filter
+from jaxreg.features import mind_ssc, mind_ssc_pooled
+from jaxreg.filters import _box_filter_jax, avg_pool, box_filter
 from jaxreg.refine import _fold_penalty_and_gradient_jax, _sample_with_slopes, _ssd_and_gradient_jax
 from jaxreg.config import UnfoldConfig
 from jaxreg.unfold import _fold_mask_jax, _unfold_jax, unfold
@@ -194,6 +195,30 @@ def test_unfold_kernel_runs_the_same_rounds_as_the_jax_path(monkeypatch, rounds,
         assert int(left) > 100
     elif rounds == 80:
         assert int(left) == 0 and 10 < int(done) < 80
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape, radius, dilation, factor", [
+    ((13, 11, 9), 1, 2, 1),  # unpooled
+    ((13, 11, 9), 1, 2, 2),  # trailing voxels that fill no block
+    ((20, 17, 15), 2, 1, 3),
+    ((9, 10, 11), 1, 3, 2),
+])
+def test_mind_kernel_matches_the_unsliced_jax_descriptor(monkeypatch, shape, radius, dilation, factor):
+    image = jnp.asarray(np.random.default_rng(13).random(shape), jnp.float32)
+    program = jax.jit(lambda i: mind_ssc_pooled(i, radius, dilation, factor))
+    assert "jaxreg_mind" in program.lower(image).as_text()
+    native = np.asarray(program(image))
+    monkeypatch.setattr(cpu_kernels, "_state", {"ready": False})  # the reference: XLA code throughout
+    reference = np.asarray(jax.jit(lambda i: avg_pool(mind_ssc(i, radius, dilation), factor))(image))
+    assert native.shape == reference.shape == (12,) + tuple(n // factor for n in shape)
+    np.testing.assert_allclose(native, reference, rtol=0, atol=2e-6)
+
+
+@needs_kernel
+def test_mind_kernel_of_a_constant_image_is_one_everywhere():
+    # zero variance: the clamp's floor keeps exp(-0 / floor) = 1, as in the JAX path
+    np.testing.assert_array_equal(jax.jit(lambda i: mind_ssc_pooled(i, 1, 2, 2))(jnp.full((8, 6, 7), 0.3)), 1.0)
 
 
 @needs_kernel
