@@ -23,6 +23,9 @@
 // jaxreg_coupled_argmin: the coarse search's per-cell argmin over the candidates, in one pass over
 // the cost volume (XLA's loop over the candidates made several full passes per candidate).
 //
+// jaxreg_sample: warp.warp and warp.warp_field, trilinear values only (one or three channels,
+// zero or border padding), for the inverse consistency's field warps and the image warps.
+//
 // jaxreg_mind: MIND-SSC pooled (features.mind_ssc_pooled) in two sweeps over the image, each
 // plane's twelve patch SSDs filtered in cache: XLA stored the full-resolution SSD stack and read it
 // back three times.
@@ -252,6 +255,90 @@ ffi::Error TrilinearImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> disp, ffi::
                    v[2], out + xy * Z, row_slope, row_slope + N, row_slope + 2 * N);
     }
   });
+  return ffi::Error::Success();
+}
+
+// One row (x, y) of warp.sample at (x, y, z) + disp: volume (C, VX, VY, VZ) channels first, out
+// rows C apart by `stride`. As the JAX path: border clamps the coordinates into the volume; zeros
+// drops the corners outside; each channel is the sum over the corners, in CORNERS order, of
+// ((wx * wy) * wz) * corner. Non-finite coordinates give NaN. Branch-free like TrilinearRow, so
+// that it vectorises with gathers.
+template <int C, bool kBorder>
+void SampleRow(const float* __restrict__ ux, const float* __restrict__ uy, const float* __restrict__ uz, float x,
+               float y, int64_t Z, const float* __restrict__ vol, int64_t VX, int64_t VY, int64_t VZ,
+               float* __restrict__ out, int64_t stride) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float top_x = static_cast<float>(VX - 1), top_y = static_cast<float>(VY - 1), top_z = static_cast<float>(VZ - 1);
+  const float low_end = kBorder ? 0.f : -4.f, high_end = kBorder ? 0.f : 4.f;
+  const int32_t vy = static_cast<int32_t>(VY), vz = static_cast<int32_t>(VZ);  // volumes under 2^31 voxels
+  const int32_t vn = static_cast<int32_t>(VX) * vy * vz;
+  for (int32_t z = 0; z < static_cast<int32_t>(Z); ++z) {
+    const float px = x + ux[z], py = y + uy[z], pz = static_cast<float>(z) + uz[z];
+    const bool finite = (px - px == 0.f) & (py - py == 0.f) & (pz - pz == 0.f);  // false for NaN and inf
+    const float qx = std::min(std::max(finite ? px : 0.f, low_end), top_x + high_end);
+    const float qy = std::min(std::max(finite ? py : 0.f, low_end), top_y + high_end);
+    const float qz = std::min(std::max(finite ? pz : 0.f, low_end), top_z + high_end);
+    const float tx = static_cast<float>(static_cast<int32_t>(qx)), ty = static_cast<float>(static_cast<int32_t>(qy));
+    const float tz = static_cast<float>(static_cast<int32_t>(qz));
+    const float lx = tx - (tx > qx ? 1.f : 0.f), ly = ty - (ty > qy ? 1.f : 0.f), lz = tz - (tz > qz ? 1.f : 0.f);
+    const float fx = qx - lx, fy = qy - ly, fz = qz - lz;
+    // zeros: per axis, whether the low / high corner is inside (border: always)
+    const float in_x0 = kBorder ? 1.f : (lx >= 0.f) & (lx <= top_x), in_x1 = kBorder ? 1.f : (lx >= -1.f) & (lx <= top_x - 1.f);
+    const float in_y0 = kBorder ? 1.f : (ly >= 0.f) & (ly <= top_y), in_y1 = kBorder ? 1.f : (ly >= -1.f) & (ly <= top_y - 1.f);
+    const float in_z0 = kBorder ? 1.f : (lz >= 0.f) & (lz <= top_z), in_z1 = kBorder ? 1.f : (lz >= -1.f) & (lz <= top_z - 1.f);
+    const int32_t x0 = static_cast<int32_t>(std::min(std::max(lx, 0.f), top_x));
+    const int32_t x1 = static_cast<int32_t>(std::min(std::max(lx + 1.f, 0.f), top_x));
+    const int32_t y0 = static_cast<int32_t>(std::min(std::max(ly, 0.f), top_y));
+    const int32_t y1 = static_cast<int32_t>(std::min(std::max(ly + 1.f, 0.f), top_y));
+    const int32_t z0 = static_cast<int32_t>(std::min(std::max(lz, 0.f), top_z));
+    const int32_t z1 = static_cast<int32_t>(std::min(std::max(lz + 1.f, 0.f), top_z));
+    const int32_t r00 = (x0 * vy + y0) * vz, r01 = (x0 * vy + y1) * vz, r10 = (x1 * vy + y0) * vz, r11 = (x1 * vy + y1) * vz;
+    const int32_t at[8] = {r00 + z0, r00 + z1, r01 + z0, r01 + z1, r10 + z0, r10 + z1, r11 + z0, r11 + z1};
+    const float gx = 1.f - fx, gy = 1.f - fy, gz = 1.f - fz;
+    const float w[8] = {((gx * gy) * gz) * (in_x0 * in_y0 * in_z0), ((gx * gy) * fz) * (in_x0 * in_y0 * in_z1),
+                        ((gx * fy) * gz) * (in_x0 * in_y1 * in_z0), ((gx * fy) * fz) * (in_x0 * in_y1 * in_z1),
+                        ((fx * gy) * gz) * (in_x1 * in_y0 * in_z0), ((fx * gy) * fz) * (in_x1 * in_y0 * in_z1),
+                        ((fx * fy) * gz) * (in_x1 * in_y1 * in_z0), ((fx * fy) * fz) * (in_x1 * in_y1 * in_z1)};
+#pragma GCC unroll 3
+    for (int c = 0; c < C; ++c) {
+      const float* v = vol + c * vn;
+      float total = 0.f;
+#pragma GCC unroll 8
+      for (int k = 0; k < 8; ++k) total += w[k] * v[at[k]];
+      out[c * stride + z] = finite ? total : nan;
+    }
+  }
+}
+
+template <int C, bool kBorder>
+void SampleAll(ffi::ThreadPool& pool, const float* u, int64_t X, int64_t Y, int64_t Z, const float* vol, int64_t VX,
+               int64_t VY, int64_t VZ, float* out) {
+  const int64_t N = X * Y * Z;
+  ParallelFor(pool, X * Y, 8, [=](int64_t begin, int64_t end) {
+    for (int64_t xy = begin; xy < end; ++xy) {
+      const float* row = u + xy * Z;
+      SampleRow<C, kBorder>(row, row + N, row + 2 * N, static_cast<float>(xy / Y), static_cast<float>(xy % Y), Z, vol,
+                            VX, VY, VZ, out + xy * Z, N);
+    }
+  });
+}
+
+// out (C, X, Y, Z): volume (C, VX, VY, VZ), C = 1 or 3, sampled at x + disp(x), disp (3, X, Y, Z).
+ffi::Error SampleImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> disp, ffi::Buffer<ffi::F32> volume,
+                      ffi::ResultBuffer<ffi::F32> out, int32_t border) {
+  const auto d = disp.dimensions();
+  const auto v = volume.dimensions();
+  if (d.size() != 4 || d[0] != 3 || v.size() != 4 || (v[0] != 1 && v[0] != 3)) {
+    return ffi::Error::InvalidArgument("jaxreg_sample: disp must be (3,X,Y,Z), volume (1 or 3,X,Y,Z)");
+  }
+  const float* u = disp.typed_data();
+  const float* vol = volume.typed_data();
+  float* o = out->typed_data();
+  const int64_t X = d[1], Y = d[2], Z = d[3];
+  if (v[0] == 1 && border) SampleAll<1, true>(pool, u, X, Y, Z, vol, v[1], v[2], v[3], o);
+  if (v[0] == 1 && !border) SampleAll<1, false>(pool, u, X, Y, Z, vol, v[1], v[2], v[3], o);
+  if (v[0] == 3 && border) SampleAll<3, true>(pool, u, X, Y, Z, vol, v[1], v[2], v[3], o);
+  if (v[0] == 3 && !border) SampleAll<3, false>(pool, u, X, Y, Z, vol, v[1], v[2], v[3], o);
   return ffi::Error::Success();
 }
 
@@ -1042,3 +1129,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxregMind, MindImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("radius")
                                   .Attr<int32_t>("factor"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxregSample, SampleImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("border"));

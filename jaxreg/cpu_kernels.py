@@ -1,6 +1,6 @@
 """Hand-written CPU kernels inside the jitted programs (XLA FFI), with the pure JAX path beside them.
 
-Eight pieces of the pipeline run several times faster as C++ loops (``cpu_kernels.cc``) than as XLA's
+Nine pieces of the pipeline run several times faster as C++ loops (``cpu_kernels.cc``) than as XLA's
 CPU code:
 
 - the trilinear sampling with slopes of the full-resolution level (XLA's gather copies element by
@@ -12,6 +12,7 @@ CPU code:
 - the coarse search's cost volume (each row's features in cache for all candidates) and its coupled
   argmin (one pass over the cost volume per round);
 - box filters (one read and one write, where XLA makes a pass per axis);
+- the warps of images and fields (trilinear values, one pass, where XLA gathers each corner);
 - MIND-SSC, pooled (each tile's twelve patch SSDs filtered in cache, where XLA stored the
   full-resolution SSD stack and read it back three times).
 
@@ -47,6 +48,7 @@ TARGETS = {  # FFI target name: the handler's symbol in the library
     "jaxreg_unfold": "JaxregUnfold",
     "jaxreg_cost_volume": "JaxregCostVolume", "jaxreg_coupled_argmin": "JaxregCoupledArgmin",
     "jaxreg_box": "JaxregBox", "jaxreg_mind": "JaxregMind",
+    "jaxreg_sample": "JaxregSample",
 }
 # -march=native vectorises the sampling loop (gathers); the cache key holds the CPU's features, so a
 # cache shared by cluster nodes keeps one library per kind of CPU. -fno-trapping-math lets the
@@ -256,6 +258,20 @@ def _native_coupled_argmin(cost, offsets, centre, weight: float):
                             vmap_method="sequential")
     return call(cost.astype(jnp.float32), offsets.astype(jnp.float32), centre.astype(jnp.float32),
                 weight=np.float32(weight))
+
+
+def warp_channels(volume: jnp.ndarray, disp: jnp.ndarray, mode: str, jax_path) -> jnp.ndarray:
+    """(C, X, Y, Z): `volume` (C, VX, VY, VZ) sampled trilinearly at ``x + disp(x)``, zero or border
+    padded; ``jax_path(volume, disp)`` computes the same. The kernel takes one or three channels."""
+    if volume.shape[0] not in (1, 3) or mode not in ("zeros", "border"):
+        return jax_path(volume, disp)
+    return on_cpu(lambda v, d: _native_sample(v, d, mode), jax_path, volume, disp)
+
+
+def _native_sample(volume, disp, mode: str):
+    call = jax.ffi.ffi_call("jaxreg_sample", jax.ShapeDtypeStruct(volume.shape[:1] + disp.shape[1:], jnp.float32),
+                            vmap_method="sequential")
+    return call(disp.astype(jnp.float32), volume.astype(jnp.float32), border=np.int32(mode == "border"))
 
 
 def mind_ssc_pooled(image: jnp.ndarray, radius: int, pairs, factor: int, jax_path) -> jnp.ndarray:

@@ -13,11 +13,14 @@ Out-of-grid modes for trilinear sampling:
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from . import cpu_kernels
 
 # float32 products in full precision: GPUs would otherwise run einsum/matmul in TF32 (10-bit
 # mantissa), i.e. errors of ~0.1 voxel in affine coordinates and in interpolation weights.
@@ -80,13 +83,40 @@ def sample(volume: jnp.ndarray, coords: jnp.ndarray, mode: str = "border") -> jn
 
 
 def warp(volume: jnp.ndarray, disp: jnp.ndarray, mode: str = "border") -> jnp.ndarray:
-    """``volume(x + disp(x))`` on the grid of `disp` (trilinear)."""
+    """``volume(x + disp(x))`` on the grid of `disp` (trilinear). A 3-D volume takes the CPU kernel
+    in CPU programs."""
+    if volume.ndim == 3:
+        return _warp_channels(volume[None], disp, mode)[0]
     return sample(volume, identity_grid(disp.shape[1:]) + disp, mode)
 
 
 def warp_field(field: jnp.ndarray, disp: jnp.ndarray, mode: str = "zeros") -> jnp.ndarray:
     """Resample a (3, X, Y, Z) field at ``x + disp(x)`` (used for composition and inverse consistency)."""
-    return jnp.moveaxis(warp(jnp.moveaxis(field, 0, -1), disp, mode), -1, 0)
+    return _warp_channels(field, disp, mode)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _warp_channels(volume: jnp.ndarray, disp: jnp.ndarray, mode: str) -> jnp.ndarray:
+    """(C, X, Y, Z) `volume` at ``x + disp(x)``: the CPU kernel or :func:`_warp_channels_jax`;
+    differentiated through the JAX path."""
+    return cpu_kernels.warp_channels(volume, disp, mode, functools.partial(_warp_channels_jax, mode=mode))
+
+
+def _warp_channels_forward(volume, disp, mode):
+    return _warp_channels(volume, disp, mode), (volume, disp)
+
+
+def _warp_channels_backward(mode, residuals, cotangent):
+    return jax.vjp(functools.partial(_warp_channels_jax, mode=mode), *residuals)[1](cotangent)
+
+
+_warp_channels.defvjp(_warp_channels_forward, _warp_channels_backward)
+
+
+def _warp_channels_jax(volume: jnp.ndarray, disp: jnp.ndarray, mode: str) -> jnp.ndarray:
+    """:func:`cpu_kernels.warp_channels` as XLA code: (C, X, Y, Z) volume, channels first."""
+    moved = sample(jnp.moveaxis(volume, 0, -1), identity_grid(disp.shape[1:]) + disp, mode)
+    return jnp.moveaxis(moved, -1, 0)
 
 
 def _linear_resize_weights(n_in: int, n_out: int):
