@@ -30,6 +30,10 @@
 // plane's twelve patch SSDs filtered in cache: XLA stored the full-resolution SSD stack and read it
 // back three times.
 //
+// jaxreg_lncc: the full-resolution level's local NCC and its derivative (refine._lncc_and_derivative)
+// plane by plane: the local sums, the per-voxel terms and the sums of their derivatives never leave
+// the task's buffers, where XLA wrote two stacks of 3 and 4 full-size channels and read them back.
+//
 // jaxreg_box: a centred box average along any of the three spatial axes, zero or edge padded. XLA
 // makes three passes over memory (one per axis); this kernel filters each plane along y and z in
 // cache and sums planes along x from a ring of filtered planes: one read and one write.
@@ -1050,6 +1054,136 @@ ffi::Error BoxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> input, int32_t si
   return ffi::Error::Success();
 }
 
+// The zero-padded box sums along z then y (half-width r, each axis scaled by `scale`) of rows
+// [r0, r1) of a plane, given its rows [s0, s1) in `source` (rows outside the plane count as zero);
+// `zsums` is scratch of (s1 - s0) rows.
+void FilterRowsZeros(const float* source, int64_t s0, int64_t s1, int64_t r0, int64_t r1, int64_t Y, int64_t Z,
+                     int r, float scale, float* zsums, float* target) {
+  for (int64_t y = s0; y < s1; ++y) RowWindow(source + (y - s0) * Z, Z, r, false, scale, zsums + (y - s0) * Z);
+  const float* terms[2 * kMaxRadius + 1];
+  for (int64_t y = r0; y < r1; ++y) {
+    int count = 0;
+    for (int64_t j = std::max<int64_t>(0, y - r); j <= std::min(Y - 1, y + r); ++j) terms[count++] = zsums + (j - s0) * Z;
+    Sum(terms, count, Z, scale, target + (y - r0) * Z);
+  }
+}
+
+// loss = 1 - mean cc and derivative (X,Y,Z) = d loss / d warped, cc the squared local correlation of
+// fixed and warped over window^3 zero-padded boxes (refine._lncc_and_derivative, same formulas):
+// A = box(f w) - fm box(w), C = box(w^2) - box(w)^2, cc = A^2 / (fv C + eps), and the derivative as
+// boxes of d cc / d A and d cc / d C. Each task is a tile of 16 planes x 32 rows: the boxed sums of w,
+// w^2 and f w within r of it, then the four derivative channels, boxed again, all in cache.
+ffi::Error LnccImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> warped, ffi::Buffer<ffi::F32> fixed,
+                    ffi::Buffer<ffi::F32> fixed_mean, ffi::Buffer<ffi::F32> fixed_var,
+                    ffi::ResultBuffer<ffi::F32> loss, ffi::ResultBuffer<ffi::F32> derivative, int32_t window,
+                    float epsilon) {
+  const auto d = warped.dimensions();
+  const int64_t count_all = warped.element_count();
+  if (d.size() != 3 || fixed.element_count() != count_all || fixed_mean.element_count() != count_all ||
+      fixed_var.element_count() != count_all || window < 1 || window % 2 != 1 || window > 2 * kMaxRadius + 1) {
+    return ffi::Error::InvalidArgument("jaxreg_lncc: four (X,Y,Z) volumes and an odd window of at most 33");
+  }
+  const int64_t X = d[0], Y = d[1], Z = d[2], plane = Y * Z, r = window / 2, span_x = 16, span_y = 32;
+  const int64_t tiles_y = (Y + span_y - 1) / span_y, tiles = (X + span_x - 1) / span_x * tiles_y;
+  const int ri = static_cast<int>(r);
+  const float scale = 1.f / static_cast<float>(window), count = static_cast<float>(count_all);
+  const float* w = warped.typed_data();
+  const float* f = fixed.typed_data();
+  const float* fm = fixed_mean.typed_data();
+  const float* fv = fixed_var.typed_data();
+  float* out = derivative->typed_data();
+  std::vector<double> partial(tiles, 0.0);
+  ParallelFor(pool, tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> a, b, source, zsums, stats, t4, back;
+    const float* terms[2 * kMaxRadius + 1];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t x0 = t / tiles_y * span_x, x1 = std::min(X, x0 + span_x);
+      const int64_t y0 = t % tiles_y * span_y, y1 = std::min(Y, y0 + span_y);
+      const int64_t a0 = std::max<int64_t>(0, x0 - 2 * r), a1 = std::min(X, x1 + 2 * r);  // planes, stage A
+      const int64_t b0 = std::max<int64_t>(0, x0 - r), b1 = std::min(X, x1 + r);          // planes, stage B
+      const int64_t s0 = std::max<int64_t>(0, y0 - 2 * r), s1 = std::min(Y, y1 + 2 * r);  // rows read
+      const int64_t q0 = std::max<int64_t>(0, y0 - r), q1 = std::min(Y, y1 + r);          // rows, stage B
+      const int64_t na = (q1 - q0) * Z, nb = (y1 - y0) * Z;
+      a.resize((a1 - a0) * 3 * na), b.resize((b1 - b0) * 4 * nb), source.resize((s1 - s0) * Z);
+      zsums.resize((s1 - s0) * Z), stats.resize(3 * na), t4.resize(4 * na), back.resize(4 * nb);
+      // stage A: w, w^2 and f w, box-summed along z and y on rows [q0, q1)
+      for (int64_t p = a0; p < a1; ++p) {
+        const float* wp = w + p * plane + s0 * Z;
+        const float* fp = f + p * plane + s0 * Z;
+        float* target = a.data() + (p - a0) * 3 * na;
+        const int64_t n = (s1 - s0) * Z;
+        FilterRowsZeros(wp, s0, s1, q0, q1, Y, Z, ri, scale, zsums.data(), target);
+        for (int64_t v = 0; v < n; ++v) source[v] = wp[v] * wp[v];
+        FilterRowsZeros(source.data(), s0, s1, q0, q1, Y, Z, ri, scale, zsums.data(), target + na);
+        for (int64_t v = 0; v < n; ++v) source[v] = fp[v] * wp[v];
+        FilterRowsZeros(source.data(), s0, s1, q0, q1, Y, Z, ri, scale, zsums.data(), target + 2 * na);
+      }
+      // stage B: the local sums, cc and the four derivative channels on rows [q0, q1), box-summed
+      // along z and y on rows [y0, y1)
+      double total = 0.0;
+      for (int64_t q = b0; q < b1; ++q) {
+        for (int c = 0; c < 3; ++c) {
+          int n = 0;
+          for (int64_t p = std::max<int64_t>(0, q - r); p <= std::min(X - 1, q + r); ++p) {
+            terms[n++] = a.data() + ((p - a0) * 3 + c) * na;
+          }
+          Sum(terms, n, na, scale, stats.data() + c * na);
+        }
+        const float* mean = stats.data();
+        const float* square = mean + na;
+        const float* product = square + na;
+        const float* fmq = fm + q * plane + q0 * Z;
+        const float* fvq = fv + q * plane + q0 * Z;
+        float* d0 = t4.data();
+        float* d1 = d0 + na;
+        float* d2 = d1 + na;
+        float* d3 = d2 + na;
+        for (int64_t v = 0; v < na; ++v) {
+          const float cross = product[v] - fmq[v] * mean[v];
+          const float denominator = fvq[v] * (square[v] - mean[v] * mean[v]) + epsilon;
+          const float cc = cross * cross / denominator;
+          const float d_cross = 2.f * cross / denominator;
+          const float d_var = -cc * fvq[v] / denominator;
+          d0[v] = d_cross, d1[v] = d_cross * fmq[v], d2[v] = d_var, d3[v] = d_var * mean[v];
+          stats[v] = cc;  // the mean is read above only
+        }
+        if (q >= x0 && q < x1) {
+          float tile_cc = 0.f;
+          for (int64_t v = (y0 - q0) * Z; v < (y1 - q0) * Z; ++v) tile_cc += stats[v];
+          total += tile_cc;
+        }
+        for (int c = 0; c < 4; ++c) {
+          FilterRowsZeros(t4.data() + c * na, q0, q1, y0, y1, Y, Z, ri, scale, zsums.data(),
+                          b.data() + ((q - b0) * 4 + c) * nb);
+        }
+      }
+      partial[t] = total;
+      // the tile: the boxed derivative channels summed along x, then d loss / d warped
+      for (int64_t x = x0; x < x1; ++x) {
+        for (int c = 0; c < 4; ++c) {
+          int n = 0;
+          for (int64_t p = std::max<int64_t>(0, x - r); p <= std::min(X - 1, x + r); ++p) {
+            terms[n++] = b.data() + ((p - b0) * 4 + c) * nb;
+          }
+          Sum(terms, n, nb, scale, back.data() + c * nb);
+        }
+        const float* fx = f + x * plane + y0 * Z;
+        const float* wx = w + x * plane + y0 * Z;
+        float* o = out + x * plane + y0 * Z;
+        const float* k0 = back.data();
+        const float* k1 = k0 + nb;
+        const float* k2 = k1 + nb;
+        const float* k3 = k2 + nb;
+        for (int64_t v = 0; v < nb; ++v) o[v] = -(fx[v] * k0[v] - k1[v] + 2.f * (wx[v] * k2[v] - k3[v])) / count;
+      }
+    }
+  });
+  double total = 0.0;
+  for (double t : partial) total += t;
+  *loss->typed_data() = static_cast<float>(1.0 - total / static_cast<double>(count_all));
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxregTrilinear, TrilinearImpl,
@@ -1137,3 +1271,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxregSample, SampleImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("border"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxregLncc, LnccImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("window")
+                                  .Attr<float>("epsilon"));

@@ -1,6 +1,6 @@
 """Hand-written CPU kernels inside the jitted programs (XLA FFI), with the pure JAX path beside them.
 
-Nine pieces of the pipeline run several times faster as C++ loops (``cpu_kernels.cc``) than as XLA's
+Ten pieces of the pipeline run several times faster as C++ loops (``cpu_kernels.cc``) than as XLA's
 CPU code:
 
 - the trilinear sampling with slopes of the full-resolution level (XLA's gather copies element by
@@ -12,6 +12,8 @@ CPU code:
 - the coarse search's cost volume (each row's features in cache for all candidates) and its coupled
   argmin (one pass over the cost volume per round);
 - box filters (one read and one write, where XLA makes a pass per axis);
+- the full-resolution level's local NCC and its derivative (the local sums and derivative terms
+  kept per plane, where XLA wrote and re-read two stacks of 3 and 4 channels);
 - the warps of images and fields (trilinear values, one pass, where XLA gathers each corner);
 - MIND-SSC, pooled (each tile's twelve patch SSDs filtered in cache, where XLA stored the
   full-resolution SSD stack and read it back three times).
@@ -48,7 +50,7 @@ TARGETS = {  # FFI target name: the handler's symbol in the library
     "jaxreg_unfold": "JaxregUnfold",
     "jaxreg_cost_volume": "JaxregCostVolume", "jaxreg_coupled_argmin": "JaxregCoupledArgmin",
     "jaxreg_box": "JaxregBox", "jaxreg_mind": "JaxregMind",
-    "jaxreg_sample": "JaxregSample",
+    "jaxreg_sample": "JaxregSample", "jaxreg_lncc": "JaxregLncc",
 }
 # -march=native vectorises the sampling loop (gathers); the cache key holds the CPU's features, so a
 # cache shared by cluster nodes keeps one library per kind of CPU. -fno-trapping-math lets the
@@ -288,6 +290,22 @@ def _native_mind(image, radius: int, pairs, factor: int):
     call = jax.ffi.ffi_call("jaxreg_mind", jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential")
     return call(image.astype(jnp.float32), jnp.asarray(np.asarray(pairs, np.int32).reshape(len(pairs), 6)),
                 radius=np.int32(radius), factor=np.int32(factor))
+
+
+def lncc_and_derivative(warped, fixed, fixed_mean, fixed_var, window: int, epsilon: float, jax_path):
+    """(1 - mean local squared NCC, its derivative wrt `warped`) over window^3 zero-padded boxes, all
+    volumes (X,Y,Z); ``jax_path(warped, fixed, fixed_mean, fixed_var)`` computes the same."""
+    if window > MAX_BOX_SIZE:
+        return jax_path(warped, fixed, fixed_mean, fixed_var)
+    return on_cpu(lambda *v: _native_lncc(*v, window, epsilon), jax_path, warped, fixed, fixed_mean, fixed_var)
+
+
+def _native_lncc(warped, fixed, fixed_mean, fixed_var, window: int, epsilon: float):
+    call = jax.ffi.ffi_call("jaxreg_lncc", (jax.ShapeDtypeStruct((), jnp.float32),
+                                            jax.ShapeDtypeStruct(warped.shape, jnp.float32)),
+                            vmap_method="sequential")
+    volumes = (v.astype(jnp.float32) for v in (warped, fixed, fixed_mean, fixed_var))
+    return call(*volumes, window=np.int32(window), epsilon=np.float32(epsilon))
 
 
 def box_average(x: jnp.ndarray, size: int, axes, edge: bool) -> jnp.ndarray:

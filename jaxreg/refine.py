@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from .config import FineConfig, RefineConfig
+from . import cpu_kernels
 from .cpu_kernels import fold_penalty_and_gradient, trilinear_with_slopes, warped_ssd_and_gradient
 from .filters import SPATIAL, box_filter, forward_difference
 from .jacobians import det3
@@ -159,12 +160,18 @@ LNCC_EPSILON = 1e-5  # keeps flat regions (both local variances ~0) from dividin
 
 def _lncc_and_derivative(warped, fixed_stats, window: int):
     """``1 - mean_x cc(x)`` and its derivative wrt the warped image, cc = local squared NCC of the
-    fixed image and `warped` over `window`^3 boxes (zero-padded means).
+    fixed image and `warped` over `window`^3 boxes (zero-padded means): the CPU kernel or
+    :func:`_lncc_and_derivative_jax`."""
+    jax_path = functools.partial(_lncc_and_derivative_jax, window=window)
+    return cpu_kernels.lncc_and_derivative(warped, *fixed_stats, window, LNCC_EPSILON, jax_path)
+
+
+def _lncc_and_derivative_jax(warped, fixed, fixed_mean, fixed_var, window: int):
+    """:func:`_lncc_and_derivative` as XLA code.
 
     With A the local covariance and B, C the local variances of fixed and warped, cc = A^2 / (B C + eps).
     The derivative is a sum of box filters, the zero-padded box filter being self-adjoint.
     """
-    fixed, fixed_mean, fixed_var = fixed_stats
     mean, square, product = box_filter(jnp.stack([warped, warped * warped, fixed * warped]), window)
     cross = product - fixed_mean * mean
     denominator = fixed_var * (square - mean * mean) + LNCC_EPSILON

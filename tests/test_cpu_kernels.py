@@ -12,7 +12,8 @@ import jaxreg  # noqa: F401
 from jaxreg import cpu_kernels
 from jaxreg.features import mind_ssc, mind_ssc_pooled
 from jaxreg.filters import _box_filter_jax, avg_pool, box_filter
-from jaxreg.refine import _fold_penalty_and_gradient_jax, _sample_with_slopes, _ssd_and_gradient_jax
+from jaxreg.refine import (_fold_penalty_and_gradient_jax, _lncc_and_derivative, _lncc_and_derivative_jax,
+                           _sample_with_slopes, _ssd_and_gradient_jax, fixed_window_statistics)
 from jaxreg.config import UnfoldConfig
 from jaxreg.unfold import _fold_mask_jax, _unfold_jax, unfold
 from jaxreg.warp import _warp_channels_jax, warp, warp_field
@@ -243,6 +244,22 @@ def test_sample_kernel_matches_the_jax_warp(mode, channels):
     grad = jax.grad(lambda d: jnp.sum(program(volume, d) ** 2))(inside)
     expected = jax.grad(lambda d: jnp.sum(_warp_channels_jax(volume, d, mode) ** 2))(inside)
     np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape, window", [((11, 9, 13), 5), ((20, 7, 6), 3), ((37, 70, 9), 5)])  # last: several tiles
+def test_lncc_kernel_matches_the_jax_path(monkeypatch, shape, window):
+    rng = np.random.default_rng(15)
+    warped, fixed = (jnp.asarray(ndimage.gaussian_filter(rng.random(shape), 1), jnp.float32) for _ in range(2))
+    stats = fixed_window_statistics(fixed, window)
+    program = jax.jit(lambda w, *s: _lncc_and_derivative(w, s, window))
+    assert "jaxreg_lncc" in program.lower(warped, *stats).as_text()
+    loss, derivative = program(warped, *stats)
+    monkeypatch.setattr(cpu_kernels, "_state", {"ready": False})  # the reference: XLA code throughout
+    reference = jax.jit(lambda w, *s: _lncc_and_derivative_jax(w, *s, window=window))(warped, *stats)
+    np.testing.assert_allclose(loss, reference[0], rtol=1e-5)
+    scale = float(jnp.max(jnp.abs(reference[1])))
+    np.testing.assert_allclose(derivative, reference[1], rtol=0, atol=1e-4 * scale)
 
 
 @needs_kernel
