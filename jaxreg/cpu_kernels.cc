@@ -117,9 +117,55 @@ inline void CornersNearEdge(const float* vol, int64_t VX, int64_t VY, int64_t VZ
   }
 }
 
-// One row (fixed x, y) of the one-channel case, written without branches so that the compiler can
-// vectorise it with gathers: corner indices are clamped into the volume and the corners outside
-// are multiplied by 0.
+// Where a point falls in a volume whose last corner is (top_x, top_y, top_z), its rows vy, vz long:
+// the fractions within its cell, the flat indices of the cell's eight corners (4a + 2b + e) clamped
+// into the volume, and per corner 1 when it is inside (with border padding, always: the point was
+// clamped into the volume first) or 0. Written without branches so that the loops calling it
+// vectorise with gathers; points far outside (zero padding) are pulled to 4 voxels out, where every
+// corner stays outside, and floored by an int32 round trip (std::floor is a library call without
+// SSE4.1, which stops vectorisation). A non-finite point (Finite) is located as the origin.
+struct Cell {
+  float fx, fy, fz;
+  int32_t at[8];
+  float inside[8];
+};
+
+inline bool Finite(float px, float py, float pz) { return (px - px == 0.f) & (py - py == 0.f) & (pz - pz == 0.f); }
+
+// (always inlined: a call returns the cell through memory, which stops vectorisation)
+template <bool kBorder>
+__attribute__((always_inline)) inline Cell LocateCell(float px, float py, float pz, bool finite, float top_x,
+                                                      float top_y, float top_z, int32_t vy, int32_t vz) {
+  Cell cell;
+  const float low_end = kBorder ? 0.f : -4.f, high_end = kBorder ? 0.f : 4.f;
+  const float qx = std::min(std::max(finite ? px : 0.f, low_end), top_x + high_end);
+  const float qy = std::min(std::max(finite ? py : 0.f, low_end), top_y + high_end);
+  const float qz = std::min(std::max(finite ? pz : 0.f, low_end), top_z + high_end);
+  const float tx = static_cast<float>(static_cast<int32_t>(qx)), ty = static_cast<float>(static_cast<int32_t>(qy));
+  const float tz = static_cast<float>(static_cast<int32_t>(qz));
+  const float lx = tx - (tx > qx ? 1.f : 0.f), ly = ty - (ty > qy ? 1.f : 0.f), lz = tz - (tz > qz ? 1.f : 0.f);
+  cell.fx = qx - lx, cell.fy = qy - ly, cell.fz = qz - lz;
+  // per axis: is the low / high corner inside, and its index clamped into the volume
+  const float in_x0 = kBorder ? 1.f : (lx >= 0.f) & (lx <= top_x), in_x1 = kBorder ? 1.f : (lx >= -1.f) & (lx <= top_x - 1.f);
+  const float in_y0 = kBorder ? 1.f : (ly >= 0.f) & (ly <= top_y), in_y1 = kBorder ? 1.f : (ly >= -1.f) & (ly <= top_y - 1.f);
+  const float in_z0 = kBorder ? 1.f : (lz >= 0.f) & (lz <= top_z), in_z1 = kBorder ? 1.f : (lz >= -1.f) & (lz <= top_z - 1.f);
+  const int32_t x0 = static_cast<int32_t>(std::min(std::max(lx, 0.f), top_x));
+  const int32_t x1 = static_cast<int32_t>(std::min(std::max(lx + 1.f, 0.f), top_x));
+  const int32_t y0 = static_cast<int32_t>(std::min(std::max(ly, 0.f), top_y));
+  const int32_t y1 = static_cast<int32_t>(std::min(std::max(ly + 1.f, 0.f), top_y));
+  const int32_t z0 = static_cast<int32_t>(std::min(std::max(lz, 0.f), top_z));
+  const int32_t z1 = static_cast<int32_t>(std::min(std::max(lz + 1.f, 0.f), top_z));
+  const int32_t r00 = (x0 * vy + y0) * vz, r01 = (x0 * vy + y1) * vz, r10 = (x1 * vy + y0) * vz, r11 = (x1 * vy + y1) * vz;
+  cell.at[0] = r00 + z0, cell.at[1] = r00 + z1, cell.at[2] = r01 + z0, cell.at[3] = r01 + z1;
+  cell.at[4] = r10 + z0, cell.at[5] = r10 + z1, cell.at[6] = r11 + z0, cell.at[7] = r11 + z1;
+  cell.inside[0] = in_x0 * in_y0 * in_z0, cell.inside[1] = in_x0 * in_y0 * in_z1;
+  cell.inside[2] = in_x0 * in_y1 * in_z0, cell.inside[3] = in_x0 * in_y1 * in_z1;
+  cell.inside[4] = in_x1 * in_y0 * in_z0, cell.inside[5] = in_x1 * in_y0 * in_z1;
+  cell.inside[6] = in_x1 * in_y1 * in_z0, cell.inside[7] = in_x1 * in_y1 * in_z1;
+  return cell;
+}
+
+// One row (fixed x, y) of the one-channel case (zero padding): corners outside count as 0.
 void TrilinearRow(const float* __restrict__ ux, const float* __restrict__ uy,
                                 const float* __restrict__ uz, float x, float y, int64_t Z,
                                 const float* __restrict__ vol, int64_t VX, int64_t VY, int64_t VZ,
@@ -127,36 +173,16 @@ void TrilinearRow(const float* __restrict__ ux, const float* __restrict__ uy,
                                 float* __restrict__ slope_y, float* __restrict__ slope_z) {
   const float nan = std::numeric_limits<float>::quiet_NaN();
   const float top_x = static_cast<float>(VX - 1), top_y = static_cast<float>(VY - 1), top_z = static_cast<float>(VZ - 1);
+  const int32_t vy = static_cast<int32_t>(VY), vz = static_cast<int32_t>(VZ);  // volumes under 2^31 voxels
   for (int32_t z = 0; z < static_cast<int32_t>(Z); ++z) {
     const float px = x + ux[z], py = y + uy[z], pz = static_cast<float>(z) + uz[z];
-    const bool finite = (px - px == 0.f) & (py - py == 0.f) & (pz - pz == 0.f);  // false for NaN and inf
-    // far-away points are pulled to 4 voxels outside (all corners stay outside), then floored by an
-    // int32 round trip: std::floor is a library call without SSE4.1, which stops vectorisation
-    const float qx = std::min(std::max(finite ? px : -4.f, -4.f), top_x + 4.f);
-    const float qy = std::min(std::max(finite ? py : -4.f, -4.f), top_y + 4.f);
-    const float qz = std::min(std::max(finite ? pz : -4.f, -4.f), top_z + 4.f);
-    const float tx = static_cast<float>(static_cast<int32_t>(qx)), ty = static_cast<float>(static_cast<int32_t>(qy));
-    const float tz = static_cast<float>(static_cast<int32_t>(qz));
-    const float lx = tx - (tx > qx ? 1.f : 0.f), ly = ty - (ty > qy ? 1.f : 0.f), lz = tz - (tz > qz ? 1.f : 0.f);
-    const float fx = qx - lx, fy = qy - ly, fz = qz - lz;
-    // per axis: is the low / high corner inside, and its index clamped into the volume
-    const float in_x0 = (lx >= 0.f) & (lx <= top_x), in_x1 = (lx >= -1.f) & (lx <= top_x - 1.f);
-    const float in_y0 = (ly >= 0.f) & (ly <= top_y), in_y1 = (ly >= -1.f) & (ly <= top_y - 1.f);
-    const float in_z0 = (lz >= 0.f) & (lz <= top_z), in_z1 = (lz >= -1.f) & (lz <= top_z - 1.f);
-    const int32_t x0 = static_cast<int32_t>(std::min(std::max(lx, 0.f), top_x));
-    const int32_t x1 = static_cast<int32_t>(std::min(std::max(lx + 1.f, 0.f), top_x));
-    const int32_t y0 = static_cast<int32_t>(std::min(std::max(ly, 0.f), top_y));
-    const int32_t y1 = static_cast<int32_t>(std::min(std::max(ly + 1.f, 0.f), top_y));
-    const int32_t z0 = static_cast<int32_t>(std::min(std::max(lz, 0.f), top_z));
-    const int32_t z1 = static_cast<int32_t>(std::min(std::max(lz + 1.f, 0.f), top_z));
-    const int32_t vy = static_cast<int32_t>(VY), vz = static_cast<int32_t>(VZ);  // volumes under 2^31 voxels
-    const int32_t r00 = (x0 * vy + y0) * vz, r01 = (x0 * vy + y1) * vz, r10 = (x1 * vy + y0) * vz, r11 = (x1 * vy + y1) * vz;
-    const float s[8] = {vol[r00 + z0] * (in_x0 * in_y0 * in_z0), vol[r00 + z1] * (in_x0 * in_y0 * in_z1),
-                        vol[r01 + z0] * (in_x0 * in_y1 * in_z0), vol[r01 + z1] * (in_x0 * in_y1 * in_z1),
-                        vol[r10 + z0] * (in_x1 * in_y0 * in_z0), vol[r10 + z1] * (in_x1 * in_y0 * in_z1),
-                        vol[r11 + z0] * (in_x1 * in_y1 * in_z0), vol[r11 + z1] * (in_x1 * in_y1 * in_z1)};
+    const bool finite = Finite(px, py, pz);
+    const Cell c = LocateCell<false>(px, py, pz, finite, top_x, top_y, top_z, vy, vz);
+    const float s[8] = {vol[c.at[0]] * c.inside[0], vol[c.at[1]] * c.inside[1], vol[c.at[2]] * c.inside[2],
+                        vol[c.at[3]] * c.inside[3], vol[c.at[4]] * c.inside[4], vol[c.at[5]] * c.inside[5],
+                        vol[c.at[6]] * c.inside[6], vol[c.at[7]] * c.inside[7]};
     float v, dx, dy, dz;
-    Interpolate(s, fx, fy, fz, v, dx, dy, dz);
+    Interpolate(s, c.fx, c.fy, c.fz, v, dx, dy, dz);
     value[z] = finite ? v : nan;
     slope_x[z] = finite ? dx : nan;
     slope_y[z] = finite ? dy : nan;
@@ -265,51 +291,31 @@ ffi::Error TrilinearImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> disp, ffi::
 // One row (x, y) of warp.sample at (x, y, z) + disp: volume (C, VX, VY, VZ) channels first, out
 // rows C apart by `stride`. As the JAX path: border clamps the coordinates into the volume; zeros
 // drops the corners outside; each channel is the sum over the corners, in CORNERS order, of
-// ((wx * wy) * wz) * corner. Non-finite coordinates give NaN. Branch-free like TrilinearRow, so
-// that it vectorises with gathers.
+// ((wx * wy) * wz) * corner. Non-finite coordinates give NaN.
 template <int C, bool kBorder>
 void SampleRow(const float* __restrict__ ux, const float* __restrict__ uy, const float* __restrict__ uz, float x,
                float y, int64_t Z, const float* __restrict__ vol, int64_t VX, int64_t VY, int64_t VZ,
                float* __restrict__ out, int64_t stride) {
   const float nan = std::numeric_limits<float>::quiet_NaN();
   const float top_x = static_cast<float>(VX - 1), top_y = static_cast<float>(VY - 1), top_z = static_cast<float>(VZ - 1);
-  const float low_end = kBorder ? 0.f : -4.f, high_end = kBorder ? 0.f : 4.f;
   const int32_t vy = static_cast<int32_t>(VY), vz = static_cast<int32_t>(VZ);  // volumes under 2^31 voxels
   const int32_t vn = static_cast<int32_t>(VX) * vy * vz;
   for (int32_t z = 0; z < static_cast<int32_t>(Z); ++z) {
     const float px = x + ux[z], py = y + uy[z], pz = static_cast<float>(z) + uz[z];
-    const bool finite = (px - px == 0.f) & (py - py == 0.f) & (pz - pz == 0.f);  // false for NaN and inf
-    const float qx = std::min(std::max(finite ? px : 0.f, low_end), top_x + high_end);
-    const float qy = std::min(std::max(finite ? py : 0.f, low_end), top_y + high_end);
-    const float qz = std::min(std::max(finite ? pz : 0.f, low_end), top_z + high_end);
-    const float tx = static_cast<float>(static_cast<int32_t>(qx)), ty = static_cast<float>(static_cast<int32_t>(qy));
-    const float tz = static_cast<float>(static_cast<int32_t>(qz));
-    const float lx = tx - (tx > qx ? 1.f : 0.f), ly = ty - (ty > qy ? 1.f : 0.f), lz = tz - (tz > qz ? 1.f : 0.f);
-    const float fx = qx - lx, fy = qy - ly, fz = qz - lz;
-    // zeros: per axis, whether the low / high corner is inside (border: always)
-    const float in_x0 = kBorder ? 1.f : (lx >= 0.f) & (lx <= top_x), in_x1 = kBorder ? 1.f : (lx >= -1.f) & (lx <= top_x - 1.f);
-    const float in_y0 = kBorder ? 1.f : (ly >= 0.f) & (ly <= top_y), in_y1 = kBorder ? 1.f : (ly >= -1.f) & (ly <= top_y - 1.f);
-    const float in_z0 = kBorder ? 1.f : (lz >= 0.f) & (lz <= top_z), in_z1 = kBorder ? 1.f : (lz >= -1.f) & (lz <= top_z - 1.f);
-    const int32_t x0 = static_cast<int32_t>(std::min(std::max(lx, 0.f), top_x));
-    const int32_t x1 = static_cast<int32_t>(std::min(std::max(lx + 1.f, 0.f), top_x));
-    const int32_t y0 = static_cast<int32_t>(std::min(std::max(ly, 0.f), top_y));
-    const int32_t y1 = static_cast<int32_t>(std::min(std::max(ly + 1.f, 0.f), top_y));
-    const int32_t z0 = static_cast<int32_t>(std::min(std::max(lz, 0.f), top_z));
-    const int32_t z1 = static_cast<int32_t>(std::min(std::max(lz + 1.f, 0.f), top_z));
-    const int32_t r00 = (x0 * vy + y0) * vz, r01 = (x0 * vy + y1) * vz, r10 = (x1 * vy + y0) * vz, r11 = (x1 * vy + y1) * vz;
-    const int32_t at[8] = {r00 + z0, r00 + z1, r01 + z0, r01 + z1, r10 + z0, r10 + z1, r11 + z0, r11 + z1};
-    const float gx = 1.f - fx, gy = 1.f - fy, gz = 1.f - fz;
-    const float w[8] = {((gx * gy) * gz) * (in_x0 * in_y0 * in_z0), ((gx * gy) * fz) * (in_x0 * in_y0 * in_z1),
-                        ((gx * fy) * gz) * (in_x0 * in_y1 * in_z0), ((gx * fy) * fz) * (in_x0 * in_y1 * in_z1),
-                        ((fx * gy) * gz) * (in_x1 * in_y0 * in_z0), ((fx * gy) * fz) * (in_x1 * in_y0 * in_z1),
-                        ((fx * fy) * gz) * (in_x1 * in_y1 * in_z0), ((fx * fy) * fz) * (in_x1 * in_y1 * in_z1)};
+    const bool finite = Finite(px, py, pz);
+    const Cell c = LocateCell<kBorder>(px, py, pz, finite, top_x, top_y, top_z, vy, vz);
+    const float gx = 1.f - c.fx, gy = 1.f - c.fy, gz = 1.f - c.fz;
+    const float w[8] = {((gx * gy) * gz) * c.inside[0], ((gx * gy) * c.fz) * c.inside[1],
+                        ((gx * c.fy) * gz) * c.inside[2], ((gx * c.fy) * c.fz) * c.inside[3],
+                        ((c.fx * gy) * gz) * c.inside[4], ((c.fx * gy) * c.fz) * c.inside[5],
+                        ((c.fx * c.fy) * gz) * c.inside[6], ((c.fx * c.fy) * c.fz) * c.inside[7]};
 #pragma GCC unroll 3
-    for (int c = 0; c < C; ++c) {
-      const float* v = vol + c * vn;
+    for (int ch = 0; ch < C; ++ch) {
+      const float* v = vol + ch * vn;
       float total = 0.f;
 #pragma GCC unroll 8
-      for (int k = 0; k < 8; ++k) total += w[k] * v[at[k]];
-      out[c * stride + z] = finite ? total : nan;
+      for (int k = 0; k < 8; ++k) total += w[k] * v[c.at[k]];
+      out[ch * stride + z] = finite ? total : nan;
     }
   }
 }
@@ -474,6 +480,15 @@ inline float BoxAverage3(const float* u, int64_t X, int64_t Y, int64_t Z, int64_
   return ((along_z[0] + along_z[1]) + along_z[2]) / 3.f;
 }
 
+// f(ij) for every row ij (of X x Y rows along z) within `reach` rows of row xy along x and y.
+template <typename F>
+inline void ForRowsAround(int64_t xy, int64_t reach, int64_t X, int64_t Y, F f) {
+  const int64_t x = xy / Y, y = xy % Y;
+  for (int64_t i = std::max<int64_t>(0, x - reach); i <= std::min(X - 1, x + reach); ++i) {
+    for (int64_t j = std::max<int64_t>(0, y - reach); j <= std::min(Y - 1, y + reach); ++j) f(i * Y + j);
+  }
+}
+
 // unfold.unfold: copy disp; then, while voxels fold and rounds remain, move the field on the folding
 // voxels (the first `local_rounds` rounds) or on the fold mask grown by a grow^3 box (later rounds)
 // `blend` of the way to its 3^3 box average of the previous round's field, and recompute the mask
@@ -529,14 +544,10 @@ ffi::Error UnfoldImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> disp, ffi::Res
       // rows with a voxel to move: within h rows (x, y) of a folding voxel; their stretch along z
       std::vector<int64_t> moved;
       for (int64_t xy = 0; xy < rows; ++xy) {
-        const int64_t x = xy / Y, y = xy % Y;
         int64_t lo = Z, hi = -1;
-        for (int64_t i = std::max<int64_t>(0, x - h); i <= std::min(X - 1, x + h); ++i) {
-          for (int64_t j = std::max<int64_t>(0, y - h); j <= std::min(Y - 1, y + h); ++j) {
-            if (folds[i * Y + j] == 0) continue;
-            lo = std::min(lo, fold_lo[i * Y + j] - h), hi = std::max(hi, fold_hi[i * Y + j] + h);
-          }
-        }
+        ForRowsAround(xy, h, X, Y, [&](int64_t ij) {
+          if (folds[ij] > 0) lo = std::min(lo, fold_lo[ij] - h), hi = std::max(hi, fold_hi[ij] + h);
+        });
         if (hi < 0) continue;
         near_lo[xy] = std::max<int64_t>(0, lo), near_hi[xy] = std::min(Z - 1, hi);
         moved.push_back(xy);
@@ -551,16 +562,12 @@ ffi::Error UnfoldImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> disp, ffi::Res
           const int64_t xy = moved[r], x = xy / Y, y = xy % Y, lo = near_lo[xy], hi = near_hi[xy];
           bool* out = nm + xy * Z;
           std::fill(out + lo, out + hi + 1, false);
-          for (int64_t i = std::max<int64_t>(0, x - h); i <= std::min(X - 1, x + h); ++i) {
-            for (int64_t j = std::max<int64_t>(0, y - h); j <= std::min(Y - 1, y + h); ++j) {
-              const int64_t ij = i * Y + j;
-              if (folds[ij] == 0) continue;
-              for (int64_t z = fold_lo[ij]; z <= fold_hi[ij]; ++z) {
-                if (!m[ij * Z + z]) continue;
-                for (int64_t k = std::max<int64_t>(lo, z - h); k <= std::min(hi, z + h); ++k) out[k] = true;
-              }
+          ForRowsAround(xy, h, X, Y, [&](int64_t ij) {
+            for (int64_t z = fold_lo[ij]; z <= fold_hi[ij]; ++z) {  // empty for a row without folds
+              if (!m[ij * Z + z]) continue;
+              for (int64_t k = std::max<int64_t>(lo, z - h); k <= std::min(hi, z + h); ++k) out[k] = true;
             }
-          }
+          });
           for (int c = 0; c < 3; ++c) {
             const float* uc = u + c * N;
             for (int64_t z = lo; z <= hi; ++z) {
@@ -583,15 +590,11 @@ ffi::Error UnfoldImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> disp, ffi::Res
       // the mask changes only within one voxel of a moved voxel
       std::vector<char> stale(rows, 0);
       for (int64_t xy : moved) {
-        const int64_t x = xy / Y, y = xy % Y;
-        for (int64_t i = std::max<int64_t>(0, x - 1); i <= std::min(X - 1, x + 1); ++i) {
-          for (int64_t j = std::max<int64_t>(0, y - 1); j <= std::min(Y - 1, y + 1); ++j) {
-            const int64_t ij = i * Y + j;
-            const int64_t lo = std::max<int64_t>(0, near_lo[xy] - 1), hi = std::min(Z - 1, near_hi[xy] + 1);
-            if (!stale[ij]) stale[ij] = 1, redo_lo[ij] = lo, redo_hi[ij] = hi;
-            else redo_lo[ij] = std::min(redo_lo[ij], lo), redo_hi[ij] = std::max(redo_hi[ij], hi);
-          }
-        }
+        const int64_t lo = std::max<int64_t>(0, near_lo[xy] - 1), hi = std::min(Z - 1, near_hi[xy] + 1);
+        ForRowsAround(xy, 1, X, Y, [&](int64_t ij) {
+          if (!stale[ij]) stale[ij] = 1, redo_lo[ij] = lo, redo_hi[ij] = hi;
+          else redo_lo[ij] = std::min(redo_lo[ij], lo), redo_hi[ij] = std::max(redo_hi[ij], hi);
+        });
       }
       list.clear();
       for (int64_t xy = 0; xy < rows; ++xy) if (stale[xy]) list.push_back(xy);
@@ -909,6 +912,24 @@ ffi::Error MindImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> image, ffi::Buff
   return ffi::Error::Success();
 }
 
+// The box sums along z (half-width rz, scaled by sz) then y (ry, sy) of rows [r0, r1) of a plane,
+// given its rows [s0, s1) in `source` (each row Z long); zeros pad the plane, or with `edge` its
+// first and last rows and values repeat (then [s0, s1) must hold rows 0 and Y - 1 where reached).
+// `zsums` is scratch of (s1 - s0) rows; target gets r1 - r0 rows.
+void FilterRows(const float* source, int64_t s0, int64_t s1, int64_t r0, int64_t r1, int64_t Y, int64_t Z, int rz,
+                float sz, int ry, float sy, bool edge, float* zsums, float* target) {
+  for (int64_t y = s0; y < s1; ++y) RowWindow(source + (y - s0) * Z, Z, rz, edge, sz, zsums + (y - s0) * Z);
+  const float* terms[2 * kMaxRadius + 1];
+  for (int64_t y = r0; y < r1; ++y) {
+    int count = 0;
+    for (int64_t j = y - ry; j <= y + ry; ++j) {
+      if (j >= 0 && j < Y) terms[count++] = zsums + (j - s0) * Z;
+      else if (edge) terms[count++] = zsums + ((j < 0 ? 0 : Y - 1) - s0) * Z;
+    }
+    Sum(terms, count, Z, sy, target + (y - r0) * Z);
+  }
+}
+
 // cost (n,X,Y,Z): for every candidate offset o_i (offsets (n,3), int32), the sum over channels of
 // (fixed_c(x) - moving_c(x + o_i))^2, moving zero outside; fixed, moving (C,X,Y,Z). One task per
 // (x, y) row: the row's fixed channels and the moving rows it reads stay in cache for all n offsets.
@@ -1027,17 +1048,7 @@ ffi::Error BoxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> input, int32_t si
       auto slot = [&](int64_t p) { return ring.data() + ((p + ring_size * X) % ring_size) * plane; };
       // plane p (0 <= p < X) filtered along z, then y, into its ring slot
       auto filter_plane = [&](int64_t p) {
-        const float* source = volume + p * plane;
-        for (int64_t y = 0; y < Y; ++y) RowWindow(source + y * Z, Z, rz, edge, sz, rows.data() + y * Z);
-        float* target = slot(p);
-        for (int64_t y = 0; y < Y; ++y) {
-          int count = 0;
-          for (int64_t j = y - ry; j <= y + ry; ++j) {
-            if (j >= 0 && j < Y) terms[count++] = rows.data() + j * Z;
-            else if (edge) terms[count++] = rows.data() + (j < 0 ? 0 : Y - 1) * Z;
-          }
-          Sum(terms, count, Z, sy, target + y * Z);
-        }
+        FilterRows(volume + p * plane, 0, Y, 0, Y, Y, Z, rz, sz, ry, sy, edge != 0, rows.data(), slot(p));
       };
       for (int64_t p = std::max<int64_t>(x0 - rx, 0); p < std::min(x0 + rx, X); ++p) filter_plane(p);
       for (int64_t x = x0; x < x1; ++x) {
@@ -1052,20 +1063,6 @@ ffi::Error BoxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> input, int32_t si
     }
   });
   return ffi::Error::Success();
-}
-
-// The zero-padded box sums along z then y (half-width r, each axis scaled by `scale`) of rows
-// [r0, r1) of a plane, given its rows [s0, s1) in `source` (rows outside the plane count as zero);
-// `zsums` is scratch of (s1 - s0) rows.
-void FilterRowsZeros(const float* source, int64_t s0, int64_t s1, int64_t r0, int64_t r1, int64_t Y, int64_t Z,
-                     int r, float scale, float* zsums, float* target) {
-  for (int64_t y = s0; y < s1; ++y) RowWindow(source + (y - s0) * Z, Z, r, false, scale, zsums + (y - s0) * Z);
-  const float* terms[2 * kMaxRadius + 1];
-  for (int64_t y = r0; y < r1; ++y) {
-    int count = 0;
-    for (int64_t j = std::max<int64_t>(0, y - r); j <= std::min(Y - 1, y + r); ++j) terms[count++] = zsums + (j - s0) * Z;
-    Sum(terms, count, Z, scale, target + (y - r0) * Z);
-  }
 }
 
 // loss = 1 - mean cc and derivative (X,Y,Z) = d loss / d warped, cc the squared local correlation of
@@ -1112,11 +1109,11 @@ ffi::Error LnccImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> warped, ffi::Buf
         const float* fp = f + p * plane + s0 * Z;
         float* target = a.data() + (p - a0) * 3 * na;
         const int64_t n = (s1 - s0) * Z;
-        FilterRowsZeros(wp, s0, s1, q0, q1, Y, Z, ri, scale, zsums.data(), target);
+        FilterRows(wp, s0, s1, q0, q1, Y, Z, ri, scale, ri, scale, false, zsums.data(), target);
         for (int64_t v = 0; v < n; ++v) source[v] = wp[v] * wp[v];
-        FilterRowsZeros(source.data(), s0, s1, q0, q1, Y, Z, ri, scale, zsums.data(), target + na);
+        FilterRows(source.data(), s0, s1, q0, q1, Y, Z, ri, scale, ri, scale, false, zsums.data(), target + na);
         for (int64_t v = 0; v < n; ++v) source[v] = fp[v] * wp[v];
-        FilterRowsZeros(source.data(), s0, s1, q0, q1, Y, Z, ri, scale, zsums.data(), target + 2 * na);
+        FilterRows(source.data(), s0, s1, q0, q1, Y, Z, ri, scale, ri, scale, false, zsums.data(), target + 2 * na);
       }
       // stage B: the local sums, cc and the four derivative channels on rows [q0, q1), box-summed
       // along z and y on rows [y0, y1)
@@ -1153,8 +1150,8 @@ ffi::Error LnccImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> warped, ffi::Buf
           total += tile_cc;
         }
         for (int c = 0; c < 4; ++c) {
-          FilterRowsZeros(t4.data() + c * na, q0, q1, y0, y1, Y, Z, ri, scale, zsums.data(),
-                          b.data() + ((q - b0) * 4 + c) * nb);
+          FilterRows(t4.data() + c * na, q0, q1, y0, y1, Y, Z, ri, scale, ri, scale, false, zsums.data(),
+                     b.data() + ((q - b0) * 4 + c) * nb);
         }
       }
       partial[t] = total;
