@@ -12,7 +12,7 @@ The SSD term has a hand-written gradient (:func:`warped_ssd`): XLA's autodiff of
 gather scatters into the features, which costs several times more than the fused forward pass.
 So have the full-resolution data term (:func:`intensity_loss`) and the fold penalty
 (:func:`fold_penalty`; its autodiff held ~40 full-size intermediates). In CPU programs the sampling,
-the feature SSD and the fold penalty run as C++ kernels (:mod:`jaxreg.cpu_kernels`); the ``_jax``
+the feature SSD, the local NCC and the fold penalty run as C++ kernels (:mod:`jaxreg.cpu_kernels`); the ``_jax``
 functions here are the path everywhere else and the reference the kernels are tested against.
 """
 
@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import optax
 
 from .config import FineConfig, RefineConfig
-from . import cpu_kernels
-from .cpu_kernels import fold_penalty_and_gradient, trilinear_with_slopes, warped_ssd_and_gradient
+from .cpu_kernels import (fold_penalty_and_gradient, lncc_and_derivative, trilinear_with_slopes,
+                          warped_ssd_and_gradient)
 from .filters import SPATIAL, box_filter, forward_difference
 from .jacobians import det3
 from .warp import CORNERS, identity_grid, resize, trilinear_corners
@@ -163,7 +163,7 @@ def _lncc_and_derivative(warped, fixed_stats, window: int):
     fixed image and `warped` over `window`^3 boxes (zero-padded means): the CPU kernel or
     :func:`_lncc_and_derivative_jax`."""
     jax_path = functools.partial(_lncc_and_derivative_jax, window=window)
-    return cpu_kernels.lncc_and_derivative(warped, *fixed_stats, window, LNCC_EPSILON, jax_path)
+    return lncc_and_derivative(warped, *fixed_stats, window, LNCC_EPSILON, jax_path)
 
 
 def _lncc_and_derivative_jax(warped, fixed, fixed_mean, fixed_var, window: int):
