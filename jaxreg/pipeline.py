@@ -144,7 +144,8 @@ def enable_persistent_cache() -> str | None:
     """Keep compiled programs on disk so a second process does not compile again.
 
     The folder is ``$JAXREG_CACHE_DIR`` (set it empty to disable), else ``~/.cache/jaxreg/xla``.
-    Returns the folder in use, or None.
+    Programs that compile in under 0.5 s are not kept, unless JAX's own
+    ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` says otherwise. Returns the folder in use, or None.
     """
     global _cache_configured
     folder = os.environ.get("JAXREG_CACHE_DIR", str(Path.home() / ".cache" / "jaxreg" / "xla"))
@@ -154,7 +155,8 @@ def enable_persistent_cache() -> str | None:
             try:
                 Path(folder).mkdir(parents=True, exist_ok=True)
                 jax.config.update("jax_compilation_cache_dir", folder)
-                jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+                if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # the user's own wins
+                    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
             except (OSError, AttributeError) as err:  # read-only home, old jax: compile every time
                 log.warning("persistent compilation cache disabled: %s", err)
                 return None

@@ -91,6 +91,7 @@ def test_compiled_program_is_kept_on_disk_for_the_next_process(tmp_path):
               "from jaxreg.config import load_config; "
               "x = np.random.default_rng(0).random((16, 16, 16)).astype('float32'); "
               "register(x, x, config=load_config('fast', ['refine.iterations=2']))")
-    env = dict(os.environ, JAXREG_CACHE_DIR=str(tmp_path / "cache"))
+    # every program is kept (jaxreg keeps those that compile in 0.5 s or more; this one may not)
+    env = dict(os.environ, JAXREG_CACHE_DIR=str(tmp_path / "cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
     assert any((tmp_path / "cache").iterdir())
