@@ -31,12 +31,17 @@
 // back three times.
 //
 // jaxreg_lncc: the full-resolution level's local NCC and its derivative (refine._lncc_and_derivative)
-// plane by plane: the local sums, the per-voxel terms and the sums of their derivatives never leave
-// the task's buffers, where XLA wrote two stacks of 3 and 4 full-size channels and read them back.
+// in strips swept plane by plane: the local sums, the per-voxel terms and the sums of their
+// derivatives stay in two rings of planes, where XLA wrote two stacks of 3 and 4 full-size channels
+// and read them back.
 //
 // jaxreg_box: a centred box average along any of the three spatial axes, zero or edge padded. XLA
 // makes three passes over memory (one per axis); this kernel filters each plane along y and z in
 // cache and sums planes along x from a ring of filtered planes: one read and one write.
+//
+// jaxreg_box_adam: the last box filter of an Adam step on smoothed parameters (refine._adam) and
+// the Adam update, plane by plane: XLA wrote the filtered gradient, then read it, both moments and
+// the parameters in three passes.
 
 #include <algorithm>
 #include <atomic>
@@ -1022,20 +1027,18 @@ ffi::Error CoupledArgminImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> cost, f
   return ffi::Error::Success();
 }
 
-// x (B,X,Y,Z) -> the same shape, box-averaged with half-width r along the axes whose bit is set in
-// `axes` (1: X, 2: Y, 4: Z); `edge` replicates the border, otherwise zeros pad it.
-ffi::Error BoxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> input, int32_t size, int32_t axes, int32_t edge,
-                   ffi::ResultBuffer<ffi::F32> output) {
-  const auto d = input.dimensions();
-  if (d.size() != 4 || size < 1 || size % 2 != 1 || size > 2 * kMaxRadius + 1) {
-    return ffi::Error::InvalidArgument("jaxreg_box: input must be (B,X,Y,Z) and size odd, at most 33");
-  }
-  const int64_t B = d[0], X = d[1], Y = d[2], Z = d[3], plane = Y * Z;
+// Box-averages x (B,X,Y,Z) with half-width size / 2 along the axes whose bit is set in `axes`
+// (1: X, 2: Y, 4: Z), `edge` replicating the border, otherwise zeros padding it, and hands each
+// output plane to emit(b, x, terms, count, scale): the plane is scale * (terms[0] + ... +
+// terms[count - 1]), each term a plane filtered along y and z. Tasks of 16 output planes keep a
+// ring of filtered planes: one read of x, and each plane filtered once (plus 2 rx planes of margin).
+template <typename Emit>
+void BoxSweep(ffi::ThreadPool& pool, const float* in, int64_t B, int64_t X, int64_t Y, int64_t Z, int32_t size,
+              int32_t axes, bool edge, Emit emit) {
+  const int64_t plane = Y * Z;
   const int rx = (axes & 1) ? size / 2 : 0, ry = (axes & 2) ? size / 2 : 0, rz = (axes & 4) ? size / 2 : 0;
   const float sx = (axes & 1) ? 1.f / size : 1.f, sy = (axes & 2) ? 1.f / size : 1.f, sz = (axes & 4) ? 1.f / size : 1.f;
-  const float* in = input.typed_data();
-  float* out = output->typed_data();
-  const int64_t chunk = 16;  // output planes per task; each task also filters 2 rx planes of margin
+  const int64_t chunk = 16;  // output planes per task
   const int64_t chunks_per_volume = (X + chunk - 1) / chunk;
   ParallelFor(pool, B * chunks_per_volume, 1, [=](int64_t begin, int64_t end) {
     const int ring_size = 2 * rx + 1;
@@ -1048,7 +1051,7 @@ ffi::Error BoxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> input, int32_t si
       auto slot = [&](int64_t p) { return ring.data() + ((p + ring_size * X) % ring_size) * plane; };
       // plane p (0 <= p < X) filtered along z, then y, into its ring slot
       auto filter_plane = [&](int64_t p) {
-        FilterRows(volume + p * plane, 0, Y, 0, Y, Y, Z, rz, sz, ry, sy, edge != 0, rows.data(), slot(p));
+        FilterRows(volume + p * plane, 0, Y, 0, Y, Y, Z, rz, sz, ry, sy, edge, rows.data(), slot(p));
       };
       for (int64_t p = std::max<int64_t>(x0 - rx, 0); p < std::min(x0 + rx, X); ++p) filter_plane(p);
       for (int64_t x = x0; x < x1; ++x) {
@@ -1058,18 +1061,87 @@ ffi::Error BoxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> input, int32_t si
           if (p >= 0 && p < X) terms[count++] = slot(p);
           else if (edge) terms[count++] = slot(p < 0 ? 0 : X - 1);
         }
-        Sum(terms, count, plane, sx, out + (b * X + x) * plane);
+        emit(b, x, terms, count, sx);
       }
     }
   });
+}
+
+// x (B,X,Y,Z) -> the same shape, box-averaged (BoxSweep).
+ffi::Error BoxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> input, int32_t size, int32_t axes, int32_t edge,
+                   ffi::ResultBuffer<ffi::F32> output) {
+  const auto d = input.dimensions();
+  if (d.size() != 4 || size < 1 || size % 2 != 1 || size > 2 * kMaxRadius + 1) {
+    return ffi::Error::InvalidArgument("jaxreg_box: input must be (B,X,Y,Z) and size odd, at most 33");
+  }
+  const int64_t X = d[1], Y = d[2], Z = d[3], plane = Y * Z;
+  float* out = output->typed_data();
+  BoxSweep(pool, input.typed_data(), d[0], X, Y, Z, size, axes, edge != 0,
+           [=](int64_t b, int64_t x, const float* const* terms, int count, float scale) {
+             Sum(terms, count, plane, scale, out + (b * X + x) * plane);
+           });
+  return ffi::Error::Success();
+}
+
+// Adam's update of n parameters p with gradient g and moments m, v, in place (see BoxAdamImpl).
+void AdamInPlace(const float* __restrict__ g, float* __restrict__ m, float* __restrict__ v, float* __restrict__ p,
+                 int64_t n, float one_minus_b1, float b1, float one_minus_b2, float b2, float c1, float c2, float eps,
+                 float minus_lr) {
+  for (int64_t i = 0; i < n; ++i) {
+    m[i] = one_minus_b1 * g[i] + b1 * m[i];
+    v[i] = one_minus_b2 * (g[i] * g[i]) + b2 * v[i];
+    p[i] = p[i] + ((m[i] / c1) / (std::sqrt(v[i] / c2) + eps)) * minus_lr;
+  }
+}
+
+// One Adam step (optax.adam, as refine._adam runs it) on parameters p whose loss sees their
+// zero-padded box average: the gradient wrt p is the box average of `gradient` (the gradient wrt
+// the averaged field; the zero-padded box is its own transpose), formed plane by plane (BoxSweep)
+// and used at once: m = (1 - b1) g + b1 m, v = (1 - b2) g^2 + b2 v,
+// p += ((m / c1) / (sqrt(v / c2) + eps)) * (-lr), with the bias corrections c1, c2 computed by the
+// caller. m, v, p (B,X,Y,Z) are updated in place (aliased outputs). XLA wrote the averaged gradient
+// and then read it, m, v and p in three passes.
+ffi::Error BoxAdamImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gradient, ffi::Buffer<ffi::F32> corrections,
+                       ffi::Buffer<ffi::F32> m_in, ffi::Buffer<ffi::F32> v_in, ffi::Buffer<ffi::F32> p_in,
+                       ffi::ResultBuffer<ffi::F32> m_out, ffi::ResultBuffer<ffi::F32> v_out,
+                       ffi::ResultBuffer<ffi::F32> p_out, int32_t size, float one_minus_b1, float b1,
+                       float one_minus_b2, float b2, float eps, float minus_lr) {
+  const auto d = gradient.dimensions();
+  const int64_t n = gradient.element_count();
+  if (d.size() != 4 || size < 1 || size % 2 != 1 || size > 2 * kMaxRadius + 1 || corrections.element_count() != 2 ||
+      m_in.element_count() != n || v_in.element_count() != n || p_in.element_count() != n) {
+    return ffi::Error::InvalidArgument("jaxreg_box_adam: gradient, m, v, p (B,X,Y,Z), corrections (2,), odd size");
+  }
+  const int64_t X = d[1], Y = d[2], Z = d[3], plane = Y * Z;
+  const float c1 = corrections.typed_data()[0], c2 = corrections.typed_data()[1];
+  const float* mi = m_in.typed_data();
+  const float* vi = v_in.typed_data();
+  const float* pi = p_in.typed_data();
+  float* mo = m_out->typed_data();
+  float* vo = v_out->typed_data();
+  float* po = p_out->typed_data();
+  BoxSweep(pool, gradient.typed_data(), d[0], X, Y, Z, size, 7, false,
+           [=](int64_t b, int64_t x, const float* const* terms, int count, float scale) {
+             thread_local std::vector<float> g;
+             g.resize(plane);
+             Sum(terms, count, plane, scale, g.data());
+             const int64_t at = (b * X + x) * plane;
+             if (mo != mi) std::copy(mi + at, mi + at + plane, mo + at);  // the outputs alias the inputs
+             if (vo != vi) std::copy(vi + at, vi + at + plane, vo + at);  // when XLA can, and then
+             if (po != pi) std::copy(pi + at, pi + at + plane, po + at);  // nothing is copied
+             AdamInPlace(g.data(), mo + at, vo + at, po + at, plane, one_minus_b1, b1, one_minus_b2, b2, c1, c2, eps,
+                         minus_lr);
+           });
   return ffi::Error::Success();
 }
 
 // loss = 1 - mean cc and derivative (X,Y,Z) = d loss / d warped, cc the squared local correlation of
 // fixed and warped over window^3 zero-padded boxes (refine._lncc_and_derivative, same formulas):
 // A = box(f w) - fm box(w), C = box(w^2) - box(w)^2, cc = A^2 / (fv C + eps), and the derivative as
-// boxes of d cc / d A and d cc / d C. Each task is a tile of 16 planes x 32 rows: the boxed sums of w,
-// w^2 and f w within r of it, then the four derivative channels, boxed again, all in cache.
+// boxes of d cc / d A and d cc / d C. Each task is a strip of rows (y) through the whole volume,
+// swept along x with two rings of planes: the boxed sums of w, w^2 and f w (stage A), then the four
+// derivative channels, boxed (stage B), so every plane of both stages is formed once; only the
+// strip's margin rows are formed twice.
 ffi::Error LnccImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> warped, ffi::Buffer<ffi::F32> fixed,
                     ffi::Buffer<ffi::F32> fixed_mean, ffi::Buffer<ffi::F32> fixed_var,
                     ffi::ResultBuffer<ffi::F32> loss, ffi::ResultBuffer<ffi::F32> derivative, int32_t window,
@@ -1080,99 +1152,93 @@ ffi::Error LnccImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> warped, ffi::Buf
       fixed_var.element_count() != count_all || window < 1 || window % 2 != 1 || window > 2 * kMaxRadius + 1) {
     return ffi::Error::InvalidArgument("jaxreg_lncc: four (X,Y,Z) volumes and an odd window of at most 33");
   }
-  const int64_t X = d[0], Y = d[1], Z = d[2], plane = Y * Z, r = window / 2, span_x = 16, span_y = 32;
-  const int64_t tiles_y = (Y + span_y - 1) / span_y, tiles = (X + span_x - 1) / span_x * tiles_y;
+  const int64_t X = d[0], Y = d[1], Z = d[2], plane = Y * Z, r = window / 2, ring = 2 * r + 1;
+  // one strip per thread (the margins cost the least so; 112 rows at LUMIR size on 2 cores: 24 ms a
+  // call, against 28 ms with 56 rows and 33 ms with the earlier tiles of 16 planes x 32 rows)
+  const int64_t span_y = (Y + std::max<int64_t>(1, pool.num_threads()) - 1) / std::max<int64_t>(1, pool.num_threads());
+  const int64_t strips = (Y + span_y - 1) / span_y;
   const int ri = static_cast<int>(r);
-  const float scale = 1.f / static_cast<float>(window), count = static_cast<float>(count_all);
+  const float scale = 1.f / static_cast<float>(window), minus_inverse_count = -1.f / static_cast<float>(count_all);
   const float* w = warped.typed_data();
   const float* f = fixed.typed_data();
   const float* fm = fixed_mean.typed_data();
   const float* fv = fixed_var.typed_data();
   float* out = derivative->typed_data();
-  std::vector<double> partial(tiles, 0.0);
-  ParallelFor(pool, tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> a, b, source, zsums, stats, t4, back;
+  std::vector<double> partial(strips, 0.0);
+  ParallelFor(pool, strips, 1, [&](int64_t begin, int64_t end) {
     const float* terms[2 * kMaxRadius + 1];
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t x0 = t / tiles_y * span_x, x1 = std::min(X, x0 + span_x);
-      const int64_t y0 = t % tiles_y * span_y, y1 = std::min(Y, y0 + span_y);
-      const int64_t a0 = std::max<int64_t>(0, x0 - 2 * r), a1 = std::min(X, x1 + 2 * r);  // planes, stage A
-      const int64_t b0 = std::max<int64_t>(0, x0 - r), b1 = std::min(X, x1 + r);          // planes, stage B
+      const int64_t y0 = t * span_y, y1 = std::min(Y, y0 + span_y);
       const int64_t s0 = std::max<int64_t>(0, y0 - 2 * r), s1 = std::min(Y, y1 + 2 * r);  // rows read
-      const int64_t q0 = std::max<int64_t>(0, y0 - r), q1 = std::min(Y, y1 + r);          // rows, stage B
-      const int64_t na = (q1 - q0) * Z, nb = (y1 - y0) * Z;
-      a.resize((a1 - a0) * 3 * na), b.resize((b1 - b0) * 4 * nb), source.resize((s1 - s0) * Z);
-      zsums.resize((s1 - s0) * Z), stats.resize(3 * na), t4.resize(4 * na), back.resize(4 * nb);
-      // stage A: w, w^2 and f w, box-summed along z and y on rows [q0, q1)
-      for (int64_t p = a0; p < a1; ++p) {
-        const float* wp = w + p * plane + s0 * Z;
-        const float* fp = f + p * plane + s0 * Z;
-        float* target = a.data() + (p - a0) * 3 * na;
-        const int64_t n = (s1 - s0) * Z;
-        FilterRows(wp, s0, s1, q0, q1, Y, Z, ri, scale, ri, scale, false, zsums.data(), target);
-        for (int64_t v = 0; v < n; ++v) source[v] = wp[v] * wp[v];
-        FilterRows(source.data(), s0, s1, q0, q1, Y, Z, ri, scale, ri, scale, false, zsums.data(), target + na);
-        for (int64_t v = 0; v < n; ++v) source[v] = fp[v] * wp[v];
-        FilterRows(source.data(), s0, s1, q0, q1, Y, Z, ri, scale, ri, scale, false, zsums.data(), target + 2 * na);
-      }
-      // stage B: the local sums, cc and the four derivative channels on rows [q0, q1), box-summed
-      // along z and y on rows [y0, y1)
+      const int64_t q0 = std::max<int64_t>(0, y0 - r), q1 = std::min(Y, y1 + r);          // rows, stage A
+      const int64_t na = (q1 - q0) * Z, nb = (y1 - y0) * Z, n = (s1 - s0) * Z;
+      std::vector<float> ring_a(ring * 3 * na), ring_b(ring * 4 * nb), source(n), zsums(n), stats(3 * na),
+          t4(4 * na), back(4 * nb);
+      auto slot_a = [&](int64_t p, int c) { return ring_a.data() + ((p % ring) * 3 + c) * na; };
+      auto slot_b = [&](int64_t p, int c) { return ring_b.data() + ((p % ring) * 4 + c) * nb; };
       double total = 0.0;
-      for (int64_t q = b0; q < b1; ++q) {
-        for (int c = 0; c < 3; ++c) {
-          int n = 0;
-          for (int64_t p = std::max<int64_t>(0, q - r); p <= std::min(X - 1, q + r); ++p) {
-            terms[n++] = a.data() + ((p - a0) * 3 + c) * na;
+      for (int64_t p = 0; p < X + 2 * r; ++p) {
+        if (p < X) {  // stage A, plane p: w, w^2 and f w, box-summed along z and y on rows [q0, q1)
+          const float* wp = w + p * plane + s0 * Z;
+          const float* fp = f + p * plane + s0 * Z;
+          FilterRows(wp, s0, s1, q0, q1, Y, Z, ri, scale, ri, scale, false, zsums.data(), slot_a(p, 0));
+          for (int64_t v = 0; v < n; ++v) source[v] = wp[v] * wp[v];
+          FilterRows(source.data(), s0, s1, q0, q1, Y, Z, ri, scale, ri, scale, false, zsums.data(), slot_a(p, 1));
+          for (int64_t v = 0; v < n; ++v) source[v] = fp[v] * wp[v];
+          FilterRows(source.data(), s0, s1, q0, q1, Y, Z, ri, scale, ri, scale, false, zsums.data(), slot_a(p, 2));
+        }
+        const int64_t q = p - r;
+        if (q >= 0 && q < X) {  // stage B, plane q: the local sums, cc and the four derivative channels
+          for (int c = 0; c < 3; ++c) {
+            int count = 0;
+            for (int64_t a = std::max<int64_t>(0, q - r); a <= std::min(X - 1, q + r); ++a) terms[count++] = slot_a(a, c);
+            Sum(terms, count, na, scale, stats.data() + c * na);
           }
-          Sum(terms, n, na, scale, stats.data() + c * na);
+          const float* mean = stats.data();
+          const float* square = mean + na;
+          const float* product = square + na;
+          const float* fmq = fm + q * plane + q0 * Z;
+          const float* fvq = fv + q * plane + q0 * Z;
+          float* d0 = t4.data();
+          float* d1 = d0 + na;
+          float* d2 = d1 + na;
+          float* d3 = d2 + na;
+          for (int64_t v = 0; v < na; ++v) {
+            const float cross = product[v] - fmq[v] * mean[v];
+            const float inverse = 1.f / (fvq[v] * (square[v] - mean[v] * mean[v]) + epsilon);
+            const float cc = cross * cross * inverse;
+            const float d_cross = 2.f * cross * inverse;
+            const float d_var = -cc * fvq[v] * inverse;
+            d0[v] = d_cross, d1[v] = d_cross * fmq[v], d2[v] = d_var, d3[v] = d_var * mean[v];
+            stats[v] = cc;  // the mean is read above only
+          }
+          float strip_cc = 0.f;
+          for (int64_t v = (y0 - q0) * Z; v < (y1 - q0) * Z; ++v) strip_cc += stats[v];
+          total += strip_cc;
+          for (int c = 0; c < 4; ++c) {  // boxed along z and y on the strip's rows [y0, y1)
+            FilterRows(t4.data() + c * na, q0, q1, y0, y1, Y, Z, ri, scale, ri, scale, false, zsums.data(), slot_b(q, c));
+          }
         }
-        const float* mean = stats.data();
-        const float* square = mean + na;
-        const float* product = square + na;
-        const float* fmq = fm + q * plane + q0 * Z;
-        const float* fvq = fv + q * plane + q0 * Z;
-        float* d0 = t4.data();
-        float* d1 = d0 + na;
-        float* d2 = d1 + na;
-        float* d3 = d2 + na;
-        for (int64_t v = 0; v < na; ++v) {
-          const float cross = product[v] - fmq[v] * mean[v];
-          const float denominator = fvq[v] * (square[v] - mean[v] * mean[v]) + epsilon;
-          const float cc = cross * cross / denominator;
-          const float d_cross = 2.f * cross / denominator;
-          const float d_var = -cc * fvq[v] / denominator;
-          d0[v] = d_cross, d1[v] = d_cross * fmq[v], d2[v] = d_var, d3[v] = d_var * mean[v];
-          stats[v] = cc;  // the mean is read above only
-        }
-        if (q >= x0 && q < x1) {
-          float tile_cc = 0.f;
-          for (int64_t v = (y0 - q0) * Z; v < (y1 - q0) * Z; ++v) tile_cc += stats[v];
-          total += tile_cc;
-        }
-        for (int c = 0; c < 4; ++c) {
-          FilterRows(t4.data() + c * na, q0, q1, y0, y1, Y, Z, ri, scale, ri, scale, false, zsums.data(),
-                     b.data() + ((q - b0) * 4 + c) * nb);
+        const int64_t x = p - 2 * r;
+        if (x >= 0) {  // plane x of the strip: the boxed derivative channels summed along x, then d loss / d w
+          for (int c = 0; c < 4; ++c) {
+            int count = 0;
+            for (int64_t b = std::max<int64_t>(0, x - r); b <= std::min(X - 1, x + r); ++b) terms[count++] = slot_b(b, c);
+            Sum(terms, count, nb, scale, back.data() + c * nb);
+          }
+          const float* fx = f + x * plane + y0 * Z;
+          const float* wx = w + x * plane + y0 * Z;
+          float* o = out + x * plane + y0 * Z;
+          const float* k0 = back.data();
+          const float* k1 = k0 + nb;
+          const float* k2 = k1 + nb;
+          const float* k3 = k2 + nb;
+          for (int64_t v = 0; v < nb; ++v) {
+            o[v] = (fx[v] * k0[v] - k1[v] + 2.f * (wx[v] * k2[v] - k3[v])) * minus_inverse_count;
+          }
         }
       }
       partial[t] = total;
-      // the tile: the boxed derivative channels summed along x, then d loss / d warped
-      for (int64_t x = x0; x < x1; ++x) {
-        for (int c = 0; c < 4; ++c) {
-          int n = 0;
-          for (int64_t p = std::max<int64_t>(0, x - r); p <= std::min(X - 1, x + r); ++p) {
-            terms[n++] = b.data() + ((p - b0) * 4 + c) * nb;
-          }
-          Sum(terms, n, nb, scale, back.data() + c * nb);
-        }
-        const float* fx = f + x * plane + y0 * Z;
-        const float* wx = w + x * plane + y0 * Z;
-        float* o = out + x * plane + y0 * Z;
-        const float* k0 = back.data();
-        const float* k1 = k0 + nb;
-        const float* k2 = k1 + nb;
-        const float* k3 = k2 + nb;
-        for (int64_t v = 0; v < nb; ++v) o[v] = -(fx[v] * k0[v] - k1[v] + 2.f * (wx[v] * k2[v] - k3[v])) / count;
-      }
     }
   });
   double total = 0.0;
@@ -1190,6 +1256,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxregTrilinear, TrilinearImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxregBoxAdam, BoxAdamImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("size")
+                                  .Attr<float>("one_minus_b1")
+                                  .Attr<float>("b1")
+                                  .Attr<float>("one_minus_b2")
+                                  .Attr<float>("b2")
+                                  .Attr<float>("eps")
+                                  .Attr<float>("minus_lr"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxregFold, FoldImpl,
                               ffi::Ffi::Bind()

@@ -11,7 +11,9 @@ CPU code:
   the repair's rounds in one call, each touching only the rows near folding voxels;
 - the coarse search's cost volume (each row's features in cache for all candidates) and its coupled
   argmin (one pass over the cost volume per round);
-- box filters (one read and one write, where XLA makes a pass per axis);
+- box filters (one read and one write, where XLA makes a pass per axis), and the last one of each
+  Adam step fused with Adam's update (where XLA wrote the filtered gradient, then read it, the
+  moments and the parameters in three passes);
 - the full-resolution level's local NCC and its derivative (the local sums and derivative terms
   kept per plane, where XLA wrote and re-read two stacks of 3 and 4 channels);
 - the warps of images and fields (trilinear values, one pass, where XLA gathers each corner);
@@ -49,15 +51,16 @@ TARGETS = {  # FFI target name: the handler's symbol in the library
     "jaxreg_fold": "JaxregFold", "jaxreg_fold_mask": "JaxregFoldMask",
     "jaxreg_unfold": "JaxregUnfold",
     "jaxreg_cost_volume": "JaxregCostVolume", "jaxreg_coupled_argmin": "JaxregCoupledArgmin",
-    "jaxreg_box": "JaxregBox", "jaxreg_mind": "JaxregMind",
+    "jaxreg_box": "JaxregBox", "jaxreg_box_adam": "JaxregBoxAdam", "jaxreg_mind": "JaxregMind",
     "jaxreg_sample": "JaxregSample", "jaxreg_lncc": "JaxregLncc",
 }
 # -march=native vectorises the sampling loop (gathers); the cache key holds the CPU's features, so a
 # cache shared by cluster nodes keeps one library per kind of CPU. -fno-trapping-math lets the
-# compiler turn the loop's selects into blends; no result depends on floating-point traps. No fused
+# compiler turn the loop's selects into blends; no result depends on floating-point traps; and
+# -fno-math-errno lets the Adam loop's square roots vectorise (nothing reads errno). No fused
 # multiply-adds: the determinants round as the JAX path's do.
-FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC",
-         "-w")
+FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=off", "-std=c++17",
+         "-shared", "-fPIC", "-w")
 
 MAX_CHANNELS = 64  # kMaxChannels in cpu_kernels.cc: jaxreg_warped_ssd's per-cell buffers
 MAX_BOX_SIZE = 33  # 2 kMaxRadius + 1: the widest window jaxreg_box takes
@@ -306,6 +309,18 @@ def _native_lncc(warped, fixed, fixed_mean, fixed_var, window: int, epsilon: flo
                             vmap_method="sequential")
     volumes = (v.astype(jnp.float32) for v in (warped, fixed, fixed_mean, fixed_var))
     return call(*volumes, window=np.int32(window), epsilon=np.float32(epsilon))
+
+
+def box_adam(gradient, corrections, moments, params, size: int, coefficients):
+    """One Adam step on `params` (B, X, Y, Z) from the zero-padded size^3 box average of `gradient`,
+    in one pass: (first moment, second moment, params), updated in place. `corrections` is (2,), Adam's
+    bias corrections of this step; `coefficients` (1 - b1, b1, 1 - b2, b2, eps, -learning rate)."""
+    names = ("one_minus_b1", "b1", "one_minus_b2", "b2", "eps", "minus_lr")
+    call = jax.ffi.ffi_call("jaxreg_box_adam", (jax.ShapeDtypeStruct(params.shape, jnp.float32),) * 3,
+                            input_output_aliases={2: 0, 3: 1, 4: 2}, vmap_method="sequential")
+    arrays = (gradient, corrections, *moments, params)
+    return call(*(a.astype(jnp.float32) for a in arrays), size=np.int32(size),
+                **{name: np.float32(value) for name, value in zip(names, coefficients)})
 
 
 def box_average(x: jnp.ndarray, size: int, axes, edge: bool) -> jnp.ndarray:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from .config import FineConfig, RefineConfig
-from .cpu_kernels import (fold_penalty_and_gradient, lncc_and_derivative, trilinear_with_slopes,
+from .cpu_kernels import (box_adam, fold_penalty_and_gradient, lncc_and_derivative, on_cpu, trilinear_with_slopes,
                           warped_ssd_and_gradient)
 from .filters import SPATIAL, box_filter, forward_difference
 from .jacobians import det3
@@ -301,18 +301,51 @@ def fold_penalty(disp: jnp.ndarray, margin: float = 0.1) -> jnp.ndarray:
 _use_hand_gradient(fold_penalty, _fold_penalty_and_gradient, nondiff_argnums=(1,))
 
 
-def _adam(loss_fn, params: jnp.ndarray, learning_rate: float, iterations: int) -> jnp.ndarray:
-    """`iterations` Adam steps on `loss_fn` inside ``lax.scan``. Only gradients are taken: the loss
-    values would cost a full reduction per step (a tenth of a feature-level step) that Adam never reads."""
-    optimiser = optax.adam(learning_rate)
+ADAM = {"b1": 0.9, "b2": 0.999, "eps": 1e-8}  # optax.adam's defaults, written out for the CPU kernel
+
+
+def _adam(loss_of_smoothed, params: jnp.ndarray, passes: int, learning_rate: float, iterations: int) -> jnp.ndarray:
+    """`iterations` optax.adam steps inside ``lax.scan`` on `params`, whose loss is
+    ``loss_of_smoothed(smooth_grid(params, passes))``.
+
+    The gradient wrt the parameters is the smoothing's transpose applied to the gradient wrt the
+    smoothed field: as the zero-padded box average is its own transpose, `passes` more box filters,
+    the last of them fused with the update (:func:`_box_adam_update`). Only gradients are taken: the
+    loss values would cost a full reduction per step (a tenth of a feature-level step) that Adam
+    never reads.
+    """
+    optimiser = optax.adam(learning_rate, **ADAM)
 
     def step(carry, _):
         p, state = carry
-        updates, state = optimiser.update(jax.grad(loss_fn)(p), state, p)
-        return (optax.apply_updates(p, updates), state), None
+        gradient = jax.grad(loss_of_smoothed)(smooth_grid(p, passes))
+        if passes == 0:
+            updates, state = optimiser.update(gradient, state, p)
+            return (optax.apply_updates(p, updates), state), None
+        return _box_adam_update(smooth_grid(gradient, passes - 1), p, state, optimiser, learning_rate), None
 
     (params, _), _ = jax.lax.scan(step, (params, optimiser.init(params)), None, length=iterations)
     return params
+
+
+def _box_adam_update(gradient, params, state, optimiser, learning_rate: float):
+    """(params, state) after one step of `optimiser` (optax.adam with :data:`ADAM`) whose gradient is
+    the 3^3 zero-padded box average of `gradient`: the CPU kernel (filter and update in one pass), or
+    optax after :func:`box_filter`."""
+
+    def jax_path(gradient, params, state):
+        updates, state = optimiser.update(box_filter(gradient, 3), state, params)
+        return optax.apply_updates(params, updates), state
+
+    def native(gradient, params, state):
+        adam, rest = state
+        count = optax.safe_increment(adam.count)
+        corrections = jnp.stack([1 - ADAM["b1"] ** count, 1 - ADAM["b2"] ** count])  # as optax forms them
+        coefficients = (1 - ADAM["b1"], ADAM["b1"], 1 - ADAM["b2"], ADAM["b2"], ADAM["eps"], -learning_rate)
+        mu, nu, params = box_adam(gradient, corrections, (adam.mu, adam.nu), params, 3, coefficients)
+        return params, (adam._replace(count=count, mu=mu, nu=nu), rest)
+
+    return on_cpu(native, jax_path, gradient, params, state)
 
 
 def refine(fixed_cells: jnp.ndarray, moving_cells: jnp.ndarray, init_disp: jnp.ndarray, config: RefineConfig):
@@ -327,15 +360,17 @@ def refine(fixed_cells: jnp.ndarray, moving_cells: jnp.ndarray, init_disp: jnp.n
     moving_cells = jnp.moveaxis(moving_cells, 0, -1)
     cell_shape = fixed_cells.shape[:3]
 
-    def loss_fn(p):
-        disp = smooth_grid(p, config.smoothing_passes)
+    def loss_of_smoothed(disp):
         loss = warped_ssd(disp, moving_cells, fixed_cells) + config.diffusion_weight * diffusion_penalty(disp)
         if config.fold_weight > 0:
             loss = loss + config.fold_weight * fold_penalty(disp, config.fold_margin)
         return loss
 
+    def loss_fn(p):
+        return loss_of_smoothed(smooth_grid(p, config.smoothing_passes))
+
     start = resize(init_disp, cell_shape) / spacing
-    params = _adam(loss_fn, start, config.learning_rate, config.iterations)
+    params = _adam(loss_of_smoothed, start, config.smoothing_passes, config.learning_rate, config.iterations)
     disp = smooth_grid(params, config.smoothing_passes) * spacing
     return resize(disp, full_shape), jnp.stack([loss_fn(start), loss_fn(params)])
 
@@ -354,8 +389,7 @@ def refine_fine(fixed: jnp.ndarray, moving: jnp.ndarray, init_disp: jnp.ndarray,
     # intensity_weight scales the intensities, so the SSD's coefficient is its square
     weights = (config.intensity_weight ** 2, config.ncc_weight, config.ncc_window)
 
-    def loss_fn(residual):
-        residual = smooth_grid(residual, config.smoothing_passes)
+    def loss_of_smoothed(residual):
         disp = init_disp + residual
         loss = intensity_loss(disp, moving, fixed_stats, weights)
         loss = loss + config.diffusion_weight * diffusion_penalty(residual)
@@ -363,5 +397,6 @@ def refine_fine(fixed: jnp.ndarray, moving: jnp.ndarray, init_disp: jnp.ndarray,
             loss = loss + config.fold_weight * fold_penalty(disp, config.fold_margin)
         return loss
 
-    residual = _adam(loss_fn, jnp.zeros_like(init_disp), config.learning_rate, config.iterations)
+    residual = _adam(loss_of_smoothed, jnp.zeros_like(init_disp), config.smoothing_passes, config.learning_rate,
+                     config.iterations)
     return init_disp + smooth_grid(residual, config.smoothing_passes)

@@ -12,8 +12,9 @@ import jaxreg  # noqa: F401
 from jaxreg import cpu_kernels
 from jaxreg.features import mind_ssc, mind_ssc_pooled
 from jaxreg.filters import _box_filter_jax, avg_pool, box_filter
-from jaxreg.refine import (_fold_penalty_and_gradient_jax, _lncc_and_derivative, _lncc_and_derivative_jax,
-                           _sample_with_slopes, _ssd_and_gradient_jax, fixed_window_statistics)
+from jaxreg.refine import (ADAM, _box_adam_update, _fold_penalty_and_gradient_jax, _lncc_and_derivative,
+                           _lncc_and_derivative_jax, _sample_with_slopes, _ssd_and_gradient_jax,
+                           fixed_window_statistics)
 from jaxreg.config import UnfoldConfig
 from jaxreg.unfold import _fold_mask_jax, _unfold_jax, unfold
 from jaxreg.warp import _warp_channels_jax, warp, warp_field
@@ -244,6 +245,32 @@ def test_sample_kernel_matches_the_jax_warp(mode, channels):
     grad = jax.grad(lambda d: jnp.sum(program(volume, d) ** 2))(inside)
     expected = jax.grad(lambda d: jnp.sum(_warp_channels_jax(volume, d, mode) ** 2))(inside)
     np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_box_adam_kernel_steps_as_optax_after_the_box_filter(monkeypatch):
+    import optax
+    rng = np.random.default_rng(17)
+    shape = (3, 21, 9, 11)  # two tasks of planes along x
+    params = jnp.asarray(rng.normal(0, 1, shape), jnp.float32)
+    gradients = jnp.asarray(rng.normal(0, 1, (4,) + shape), jnp.float32)
+    optimiser = optax.adam(0.7, **ADAM)
+
+    def run(params, gradients):
+        state = optimiser.init(params)
+        for gradient in gradients:  # four steps: the bias corrections change with the count
+            params, state = _box_adam_update(gradient, params, state, optimiser, 0.7)
+        return params, state[0].mu, state[0].nu, state[0].count
+
+    program = jax.jit(run)
+    assert "jaxreg_box_adam" in program.lower(params, gradients).as_text()
+    got = program(params, gradients)
+    monkeypatch.setattr(cpu_kernels, "_state", {"ready": False})  # the reference: box filter, then optax
+    expected = jax.jit(run)(params, gradients)
+    assert int(got[3]) == int(expected[3]) == 4
+    for a, b in zip(got[:3], expected[:3]):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert float(jnp.max(jnp.abs(got[0] - params))) > 1.0  # four steps of ~0.7
 
 
 @needs_kernel
