@@ -614,6 +614,34 @@ ffi::Error UnfoldImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> disp, ffi::Res
   return ffi::Error::Success();
 }
 
+// F_a = scale * shortfall * (cofactor row a of J) along row xy (3 x Z, component-major), or zeros
+// when `any` is false. Only rows inside the interior have a shortfall, so the forward differences
+// stay in the volume; the row's last voxel reads the next row's first, with shortfall 0 there.
+template <int A>
+void FluxRowOrZeros(const float* u, const float* shortfall, int64_t N, int64_t Y, int64_t Z, int64_t xy, bool any,
+                    float scale, float* __restrict__ out) {
+  if (!any) {
+    std::fill(out, out + 3 * Z, 0.f);
+    return;
+  }
+  constexpr int B = (A + 1) % 3, E = (A + 2) % 3;  // cofactor row a = row b x row e
+  const float* __restrict__ u0 = u + xy * Z;
+  const float* __restrict__ u1 = u0 + N;
+  const float* __restrict__ u2 = u1 + N;
+  const float* __restrict__ s = shortfall + xy * Z;
+  const int64_t sx = Y * Z, sy = Z;
+  for (int64_t z = 0; z < Z; ++z) {
+    const float r[3][3] = {
+        {u0[z + sx] - u0[z] + 1.f, u1[z + sx] - u1[z], u2[z + sx] - u2[z]},
+        {u0[z + sy] - u0[z], u1[z + sy] - u1[z] + 1.f, u2[z + sy] - u2[z]},
+        {u0[z + 1] - u0[z], u1[z + 1] - u1[z], u2[z + 1] - u2[z] + 1.f}};
+    const float weight = scale * s[z];
+    out[z] = weight * (r[B][1] * r[E][2] - r[B][2] * r[E][1]);
+    out[Z + z] = weight * (r[B][2] * r[E][0] - r[B][0] * r[E][2]);
+    out[2 * Z + z] = weight * (r[B][0] * r[E][1] - r[B][1] * r[E][0]);
+  }
+}
+
 // shortfall (X,Y,Z) = relu(margin - det J) on the common interior (0 on each axis's last slab), and
 // the gradient (3,X,Y,Z) of mean(shortfall^2) over the interior wrt disp (3,X,Y,Z). With
 // F_a = -2 shortfall / count * (cofactor row a), gradient_c(v) = sum_a F_a,c(v - e_a) - F_a,c(v):
@@ -638,42 +666,38 @@ ffi::Error FoldImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> disp, float marg
       }
     }
   });
-  // F_a at voxel w (only called where its shortfall is positive, hence inside the interior)
-  auto flux = [=](int64_t w, int a, float out[3]) {
-    float r[3][3];
-    Rows(u, N, w, step, r);
-    const int b = (a + 1) % 3, e = (a + 2) % 3;  // cofactor row a = row b x row e
-    const float weight = scale * s[w];
-    out[0] = weight * (r[b][1] * r[e][2] - r[b][2] * r[e][1]);
-    out[1] = weight * (r[b][2] * r[e][0] - r[b][0] * r[e][2]);
-    out[2] = weight * (r[b][0] * r[e][1] - r[b][1] * r[e][0]);
-  };
   ParallelFor(pool, X * Y, 8, [=](int64_t begin, int64_t end) {
+    std::vector<float> buffer(5 * 3 * Z);
+    float* fx_here = buffer.data();   // F_x on this row, on the row before along x,
+    float* fx_before = fx_here + 3 * Z;
+    float* fy_here = fx_before + 3 * Z;  // F_y on this row, on the row before along y,
+    float* fy_before = fy_here + 3 * Z;
+    float* fz_here = fy_before + 3 * Z;  // F_z on this row (the voxel before along z is on it too)
     for (int64_t xy = begin; xy < end; ++xy) {
-      const int64_t position[2] = {xy / Y, xy % Y};
+      const int64_t x = xy / Y, y = xy % Y;
       // most rows see no shortfall here, on the row before along y or on the one before along x
-      const float* here = s + xy * Z;
-      const bool any = RowHasPositive(here, Z) || (position[1] > 0 && RowHasPositive(here - step[1], Z)) ||
-                       (position[0] > 0 && RowHasPositive(here - step[0], Z));
-      if (!any) {
+      const bool here = RowHasPositive(s + xy * Z, Z);
+      const bool before_x = x > 0 && RowHasPositive(s + (xy - Y) * Z, Z);
+      const bool before_y = y > 0 && RowHasPositive(s + (xy - 1) * Z, Z);
+      if (!here && !before_x && !before_y) {
         for (int c = 0; c < 3; ++c) std::fill(g + c * N + xy * Z, g + c * N + (xy + 1) * Z, 0.f);
         continue;
       }
-      for (int64_t z = 0; z < Z; ++z) {
-        const int64_t v = xy * Z + z;
-        const int64_t coordinate[3] = {position[0], position[1], z};
-        float total[3] = {0.f, 0.f, 0.f}, f[3];
-        for (int a = 0; a < 3; ++a) {
-          if (s[v] > 0.f) {
-            flux(v, a, f);
-            for (int c = 0; c < 3; ++c) total[c] -= f[c];
-          }
-          if (coordinate[a] > 0 && s[v - step[a]] > 0.f) {
-            flux(v - step[a], a, f);
-            for (int c = 0; c < 3; ++c) total[c] += f[c];
-          }
-        }
-        for (int c = 0; c < 3; ++c) g[c * N + v] = total[c];
+      FluxRowOrZeros<0>(u, s, N, Y, Z, xy, here, scale, fx_here);
+      FluxRowOrZeros<0>(u, s, N, Y, Z, xy - Y, before_x, scale, fx_before);
+      FluxRowOrZeros<1>(u, s, N, Y, Z, xy, here, scale, fy_here);
+      FluxRowOrZeros<1>(u, s, N, Y, Z, xy - 1, before_y, scale, fy_before);
+      FluxRowOrZeros<2>(u, s, N, Y, Z, xy, here, scale, fz_here);
+      for (int c = 0; c < 3; ++c) {
+        const float* __restrict__ a0 = fx_here + c * Z;
+        const float* __restrict__ b0 = fx_before + c * Z;
+        const float* __restrict__ a1 = fy_here + c * Z;
+        const float* __restrict__ b1 = fy_before + c * Z;
+        const float* __restrict__ a2 = fz_here + c * Z;
+        float* __restrict__ out = g + c * N + xy * Z;
+        // summed in the JAX path's order: per axis, minus the flux here, plus the one before
+        out[0] = ((((0.f - a0[0]) + b0[0]) - a1[0]) + b1[0]) - a2[0];
+        for (int64_t z = 1; z < Z; ++z) out[z] = (((((0.f - a0[z]) + b0[z]) - a1[z]) + b1[z]) - a2[z]) + a2[z - 1];
       }
     }
   });
