@@ -12,8 +12,9 @@ The SSD term has a hand-written gradient (:func:`warped_ssd`): XLA's autodiff of
 gather scatters into the features, which costs several times more than the fused forward pass.
 So have the full-resolution data term (:func:`intensity_loss`) and the fold penalty
 (:func:`fold_penalty`; its autodiff held ~40 full-size intermediates). In CPU programs the sampling,
-the feature SSD, the local NCC and the fold penalty run as C++ kernels (:mod:`jaxreg.cpu_kernels`); the ``_jax``
-functions here are the path everywhere else and the reference the kernels are tested against.
+the feature SSD, the local NCC, the fold penalty and each Adam step's last box filter with the update
+run as C++ kernels (:mod:`jaxreg.cpu_kernels`); the ``_jax`` functions here (and autodiff, for the
+Adam step) are the path everywhere else and the reference the kernels are tested against.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ import jax.numpy as jnp
 import optax
 
 from .config import FineConfig, RefineConfig
-from .cpu_kernels import (box_adam, fold_penalty_and_gradient, lncc_and_derivative, on_cpu, trilinear_with_slopes,
-                          warped_ssd_and_gradient)
+from .cpu_kernels import (box_adam, fold_penalty_and_gradient, lncc_and_derivative, on_cpu,
+                          trilinear_with_slopes, warped_ssd_and_gradient)
 from .filters import SPATIAL, box_filter, forward_difference
 from .jacobians import det3
 from .warp import CORNERS, identity_grid, resize, trilinear_corners
