@@ -62,6 +62,15 @@ def test_gpu_programs_gather_the_features_channel_by_channel():
         assert gathers and all(f"slice_sizes = array<i64: {slice_sizes}>" in line for line in gathers), platform
 
 
+def test_only_cpu_programs_fuse_the_adam_step_with_its_box_filter():
+    """GPU and TPU programs keep autodiff's transpose of the smoothing (the programs timed on devices)."""
+    from jaxreg import cpu_kernels
+    params = jax.ShapeDtypeStruct((3, 5, 6, 7), jnp.float32)
+    program = jax.jit(lambda p: refine_module._adam(lambda s: jnp.sum(jnp.sin(s)), p, 1, 0.1, 2)).trace(params)
+    assert "jaxreg_box_adam" not in program.lower(lowering_platforms=("cuda",)).as_text()
+    assert ("jaxreg_box_adam" in program.lower(lowering_platforms=("cpu",)).as_text()) == cpu_kernels.available()
+
+
 @pytest.mark.parametrize("passes", [0, 1, 3])
 def test_adam_on_smoothed_parameters_matches_optax_through_autodiff(passes):
     """_adam applies the smoothing's transpose by hand (box filters, the last fused with the update on
