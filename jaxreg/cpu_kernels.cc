@@ -357,14 +357,6 @@ ffi::Error SampleImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> disp, ffi::Buf
   return ffi::Error::Success();
 }
 
-// J's row a at voxel (x, y, z): the forward difference of the three components along axis a, plus
-// e_a. Only called inside the common interior (no index past the end).
-inline void Rows(const float* u, int64_t N, int64_t v, const int64_t step[3], float r[3][3]) {
-  for (int a = 0; a < 3; ++a) {
-    for (int c = 0; c < 3; ++c) r[a][c] = u[c * N + v + step[a]] - u[c * N + v] + (a == c ? 1.f : 0.f);
-  }
-}
-
 // det(J) expanded along the first column in the official evaluator's order (as jacobians.det3).
 inline float Det(const float r[3][3]) {
   return r[0][0] * (r[1][1] * r[2][2] - r[1][2] * r[2][1]) - r[1][0] * (r[0][1] * r[2][2] - r[0][2] * r[2][1]) +
