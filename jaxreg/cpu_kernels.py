@@ -1,6 +1,6 @@
 """Hand-written CPU kernels inside the jitted programs (XLA FFI), with the pure JAX path beside them.
 
-Ten pieces of the pipeline run several times faster as C++ loops (``cpu_kernels.cc``) than as XLA's
+These pieces of the pipeline run several times faster as C++ loops (``cpu_kernels.cc``) than as XLA's
 CPU code:
 
 - the trilinear sampling with slopes of the full-resolution level (XLA's gather copies element by
