@@ -226,10 +226,13 @@ def warped_ssd(disp: jnp.ndarray, moving: jnp.ndarray, fixed: jnp.ndarray) -> jn
 _use_hand_gradient(warped_ssd, _ssd_and_gradient)
 
 
+SMOOTHING_WIDTH = 3  # smooth_grid's box; the kernel path's hand transpose filters with the same one
+
+
 def smooth_grid(params: jnp.ndarray, passes: int) -> jnp.ndarray:
-    """The displacement the loss sees: `passes` zero-padded 3^3 box filters of the parameter grid."""
+    """The displacement the loss sees: `passes` zero-padded SMOOTHING_WIDTH^3 box filters of the grid."""
     for _ in range(passes):
-        params = box_filter(params, 3)
+        params = box_filter(params, SMOOTHING_WIDTH)
     return params
 
 
@@ -335,14 +338,14 @@ def _adam(loss_of_smoothed, params: jnp.ndarray, passes: int, learning_rate: flo
 
 
 def _box_adam_update(gradient, params, state, learning_rate: float):
-    """(params, state) after one optax.adam step (:data:`ADAM`) whose gradient is the 3^3 zero-padded
-    box average of `gradient`, filtered and applied in one pass by the CPU kernel
+    """(params, state) after one optax.adam step (:data:`ADAM`) whose gradient is the zero-padded
+    SMOOTHING_WIDTH^3 box average of `gradient`, filtered and applied in one pass by the CPU kernel
     (:func:`cpu_kernels.box_adam`; CPU programs only). `state` is optax.adam's."""
     adam, rest = state
     count = optax.safe_increment(adam.count)
     corrections = jnp.stack([1 - ADAM["b1"] ** count, 1 - ADAM["b2"] ** count])  # as optax forms them
     coefficients = (1 - ADAM["b1"], ADAM["b1"], 1 - ADAM["b2"], ADAM["b2"], ADAM["eps"], -learning_rate)
-    mu, nu, params = box_adam(gradient, corrections, (adam.mu, adam.nu), params, 3, coefficients)
+    mu, nu, params = box_adam(gradient, corrections, (adam.mu, adam.nu), params, SMOOTHING_WIDTH, coefficients)
     return params, (adam._replace(count=count, mu=mu, nu=nu), rest)
 
 
