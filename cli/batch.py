@@ -83,7 +83,7 @@ def batch_command(
     Re-running the same command resumes: finished fields are skipped. Exit code = number of
     failed pairs (capped at 125); 2 with an `error:` line when the run cannot start.
     """
-    from jaxreg import batch
+    from jaxreg.apps import batch
     from jaxreg.config import load_config
     from jaxreg.dataset import find_dataset_json, load_pairs
 
@@ -106,7 +106,7 @@ def batch_command(
               f"{', starting from ' + str(init_fields) if init_fields else ''} -> {output_dir}")
     executor = None
     if ray or ray_address:
-        from jaxreg.cluster import RayExecutor
+        from jaxreg.apps.cluster import RayExecutor
 
         executor = RayExecutor(ray_address, cpus_per_task=ray_cpus)
         header += f" on {executor.name}"
@@ -120,7 +120,7 @@ def batch_command(
             typer.echo(line)
         typer.echo(f"evaluation: {output_dir / batch.EVALUATION_JSON}")
     if qc is not None:
-        from jaxreg.qc import qc_dataset
+        from jaxreg.apps.qc import qc_dataset
 
         done = [(o.pair, o.metrics) for o in report.outcomes if o.status != "failed"]
         typer.echo(f"qc: {qc_dataset(done, output_dir, qc)}")

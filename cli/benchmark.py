@@ -32,7 +32,7 @@ def benchmark_command(
         "max(3, --repeats) each) and print the ratio, steadier than two separate runs."),
 ):
     """Print compile time, seconds per stage, seconds per pair and peak memory (figures, not a test)."""
-    from jaxreg.benchmark import alternate_presets, run_benchmark, run_scaling, run_throughput
+    from jaxreg.apps.benchmark import alternate_presets, run_benchmark, run_scaling, run_throughput
     from jaxreg.config import load_config
     from jaxreg.demo import demo_pair
     from jaxreg.io import load_volume
@@ -85,7 +85,7 @@ def benchmark_command(
         typer.echo(f"alternated    {preset} {mine:.3f} s, {against} {theirs:.3f} s per pair (best of "
                    f"{max(3, repeats)}, runs alternated): {mine / theirs:.2f}x")
     if reference is not None:
-        from jaxreg.reference import time_reference
+        from jaxreg.apps.reference import time_reference
 
         progress("running the reference ConvexAdam (PyTorch) on the same pair")
         ref = time_reference(reference, fixed, moving, threads=reference_threads, repeats=reference_repeats)

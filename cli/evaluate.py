@@ -11,7 +11,7 @@ import typer
 
 from jaxreg.dataset import resolve_evaluation_config
 from jaxreg.errors import InputError
-from jaxreg.evaluate import METRIC_COLUMNS, EvaluationReport, evaluate_fields, write_csv, write_json
+from jaxreg.evaluation.evaluate import METRIC_COLUMNS, EvaluationReport, evaluate_fields, write_csv, write_json
 
 from .main import app
 

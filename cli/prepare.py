@@ -18,7 +18,7 @@ def prepare_command(
     landmarks: Optional[Path] = typer.Option(None, "--landmarks", help="CSV id,name,x_mm,y_mm,z_mm (world mm of the T1)."),
 ):
     """Affinely register to the MNI ICBM152 template and resample to 160x224x192, 1 mm, [0, 255]."""
-    from jaxreg.prepare import prepare, prepare_folder, write_prepared
+    from jaxreg.apps.prepare import prepare, prepare_folder, write_prepared
 
     if t1.is_dir():
         typer.echo(f"wrote {prepare_folder(t1, output)}")

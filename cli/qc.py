@@ -17,7 +17,7 @@ def qc_command(
     output: Path = typer.Option(Path("qc.png"), "-o", "--output", help="PNG to write."),
 ):
     """Draw fixed, moving, moved, checkerboard, deformed grid and log-Jacobian with folds in red."""
-    from jaxreg.qc import qc_for_files, summary_line
+    from jaxreg.apps.qc import qc_for_files, summary_line
 
     path, values = qc_for_files(fixed, moving, disp, output, label=disp.name)
     typer.echo(f"{summary_line(values)}\nwrote {path}")

@@ -64,7 +64,7 @@ def register_command(
                                      overrides=tuple(set_ or ()), init_disp=init_disp)
     ndv_percent = result.summary["ndv_percent"]
     if qc is not None:
-        from jaxreg.qc import qc_for_files
+        from jaxreg.apps.qc import qc_for_files
 
         values = {"ndv": ndv_percent, "ncc_before": result.summary["ncc_before"], "ncc_after": result.summary["ncc_after"]}
         written["qc"], _ = qc_for_files(fixed, moving, output, qc / output.name.replace(".nii.gz", ".png"),

@@ -30,7 +30,7 @@ def tune_command(
 
     from jaxreg.config import load_config
     from jaxreg.dataset import find_dataset_json, resolve_evaluation_config
-    from jaxreg.tune import parse_grid, report_lines, tune, write_preset
+    from jaxreg.apps.tune import parse_grid, report_lines, tune, write_preset
 
     base = load_config(preset, tuple(set_ or ()))
     axes = parse_grid(grid, base)  # a bad key or value fails here, before anything is read

@@ -5,8 +5,8 @@ Public API::
     result = jaxreg.register(fixed, moving, preset="lumir")   # arrays or NIfTI paths
     jaxreg.save_field(result.disp, "disp.nii.gz")
 
-The names below are re-exported lazily, so that host-only parts (``jaxreg.metrics``,
-``jaxreg.evaluate``) start without importing jax.
+The names below are re-exported lazily, so that host-only parts (``jaxreg.evaluation.metrics``,
+``jaxreg.evaluation.evaluate``) start without importing jax.
 """
 
 from importlib import import_module

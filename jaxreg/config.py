@@ -183,7 +183,7 @@ class FineConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class UnfoldConfig:
-    """Fold repair of the final field (:mod:`jaxreg.unfold`): at most ``rounds`` rounds of local 3^3
+    """Fold repair of the final field (:mod:`jaxreg.stages.unfold`): at most ``rounds`` rounds of local 3^3
     smoothing wherever one of LUMIR's ten digital Jacobians is negative. ``rounds = 0`` turns it off
     (ConvexAdam has no such step).
 

@@ -21,16 +21,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
-from .affine import affine_search
-from .coarse import coarse_search
+from .stages.affine import affine_search
+from .stages.coarse import coarse_search
 from .config import RegistrationConfig, load_config
 from .errors import InputError
-from .features import mind_ssc_pooled
-from .filters import avg_pool
+from .stages.features import mind_ssc_pooled
+from .ops.filters import avg_pool
 from .io import check_finite, load_field, load_labels, load_volume, save_field, save_volume
-from .refine import refine, refine_fine
-from .unfold import unfold
-from .warp import affine_coordinates, compose_affine, resize, sample, warp, warp_field
+from .stages.refine import refine, refine_fine
+from .stages.unfold import unfold
+from .ops.warp import affine_coordinates, compose_affine, resize, sample, warp, warp_field
 
 log = logging.getLogger(__name__)
 
@@ -313,8 +313,8 @@ def register_files(fixed_path, moving_path, output, *, moved_output=None, warp_l
     nearest neighbour exactly as the LUMIR evaluator does. The summary gains ``ndv_percent`` (fixed
     image mask). Returns (result, {what: path written}).
     """
-    from .metrics import ndv  # host-side, scipy; imported late to keep startup light
-    from .metrics import warp_labels as warp_nearest
+    from .evaluation.metrics import ndv  # host-side, scipy; imported late to keep startup light
+    from .evaluation.metrics import warp_labels as warp_nearest
 
     fixed, fixed_vox2world = load_volume(fixed_path, "fixed image")
     moving, _ = load_volume(moving_path, "moving image")

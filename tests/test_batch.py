@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 import jaxreg.cli.batch  # noqa: F401  registers `jaxreg batch` on the app
-from jaxreg import batch
+from jaxreg.apps import batch
 from jaxreg.cli.main import main
 from jaxreg.dataset import load_pairs
 from jaxreg.errors import ConfigError, InputError
-from jaxreg.evaluate import evaluate_fields
+from jaxreg.evaluation.evaluate import evaluate_fields
 from jaxreg.pipeline import register
 
 from synthetic import SHAPE, brain, inverse_of, pull, smooth_field

@@ -3,7 +3,7 @@
 import nibabel as nib
 import numpy as np
 
-from jaxreg.benchmark import fine_step_bytes, refine_step_bytes, run_benchmark
+from jaxreg.apps.benchmark import fine_step_bytes, refine_step_bytes, run_benchmark
 from jaxreg.config import load_config
 
 from synthetic import brain, pull, smooth_field
@@ -66,7 +66,7 @@ def test_vmapped_program_registers_each_pair_as_the_single_pair_program_does():
 
 
 def test_throughput_and_scaling_rows_count_pairs_and_halve_the_grid():
-    from jaxreg.benchmark import half_size, run_scaling, run_throughput
+    from jaxreg.apps.benchmark import half_size, run_scaling, run_throughput
 
     fixed = brain()
     moving = pull(fixed, smooth_field())
@@ -87,7 +87,7 @@ def test_reference_timing_needs_an_environment_with_convexadam(tmp_path):
     import pytest
 
     from jaxreg.errors import InputError
-    from jaxreg.reference import time_reference
+    from jaxreg.apps.reference import time_reference
 
     with pytest.raises(InputError, match="not found"):
         time_reference(tmp_path / "no-python", "f.nii.gz", "m.nii.gz")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxreg import metrics
+from jaxreg.evaluation import metrics
 from jaxreg.io import load_labels, load_volume
 from jaxreg.pipeline import register
 

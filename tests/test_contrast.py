@@ -1,4 +1,4 @@
-"""The cross-contrast stand-in (jaxreg.contrast) and the lumir-multimodal preset on a remapped pair."""
+"""The cross-contrast stand-in (jaxreg.ops.contrast_remap) and the lumir-multimodal preset on a remapped pair."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ from scipy import ndimage
 from synthetic import SHAPE, pull, smooth_field
 
 from jaxreg.config import load_config
-from jaxreg.contrast import contrast_curve, remap_contrast
+from jaxreg.ops.contrast_remap import contrast_curve, remap_contrast
 from jaxreg.pipeline import register
 
 MULTIMODAL = ["refine.iterations=30"]  # the lumir-multimodal preset, shortened as the other tests' programs

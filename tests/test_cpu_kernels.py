@@ -9,16 +9,16 @@ import pytest
 from scipy import ndimage
 
 import jaxreg  # noqa: F401
-from jaxreg import cpu_kernels
-from jaxreg.features import mind_ssc, mind_ssc_pooled
-from jaxreg.filters import _box_filter_jax, avg_pool, box_filter
-from jaxreg.refine import (ADAM, _box_adam_update, _fold_penalty_and_gradient_jax, _lncc_and_derivative,
+from jaxreg.ops.native import kernels as cpu_kernels
+from jaxreg.stages.features import mind_ssc, mind_ssc_pooled
+from jaxreg.ops.filters import _box_filter_jax, avg_pool, box_filter
+from jaxreg.stages.refine import (ADAM, _box_adam_update, _fold_penalty_and_gradient_jax, _lncc_and_derivative,
                            _lncc_and_derivative_jax, _sample_with_slopes, _ssd_and_gradient_jax,
                            fixed_window_statistics)
 from jaxreg.config import UnfoldConfig
-from jaxreg.unfold import _fold_mask_jax, _unfold_jax, unfold
-from jaxreg.warp import _warp_channels_jax, warp, warp_field
-from jaxreg.coarse import _coupled_argmin_jax, _squared_differences, search_offsets
+from jaxreg.stages.unfold import _fold_mask_jax, _unfold_jax, unfold
+from jaxreg.ops.warp import _warp_channels_jax, warp, warp_field
+from jaxreg.stages.coarse import _coupled_argmin_jax, _squared_differences, search_offsets
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason=(
     "the CPU kernel is not built here (no C++ compiler, or JAXREG_NATIVE=0): jaxreg runs its JAX path"))
@@ -307,7 +307,7 @@ def test_without_a_compiler_jaxreg_warns_once_and_takes_the_jax_path(monkeypatch
     monkeypatch.delenv("JAXREG_NATIVE", raising=False)
     monkeypatch.setenv("JAXREG_NATIVE_DIR", str(tmp_path))
     monkeypatch.setattr(cpu_kernels, "_compiler", lambda: "/bin/false")  # a compiler that always fails
-    with caplog.at_level(logging.WARNING, logger="jaxreg.cpu_kernels"):
+    with caplog.at_level(logging.WARNING, logger="jaxreg.ops.native.kernels"):
         assert not cpu_kernels.available()
         assert not cpu_kernels.available()
     assert len(caplog.records) == 1 and "pure JAX path" in caplog.records[0].getMessage()

@@ -1,4 +1,4 @@
-"""jaxreg.dataset, jaxreg.evaluate and `jaxreg evaluate` on a tiny synthetic dataset, plus the real
+"""jaxreg.dataset, jaxreg.evaluation.evaluate and `jaxreg evaluate` on a tiny synthetic dataset, plus the real
 OASIS benchmark (zero fields must reproduce the figures of its README)."""
 
 import csv
@@ -278,7 +278,7 @@ def test_cli_bad_dataset_is_one_line_exit_2(tmp_path, capsys):
 
 
 def test_scoring_never_imports_jax():
-    code = "import sys, jaxreg.evaluate, jaxreg.dataset, jaxreg.metrics; sys.exit('jax' in sys.modules)"
+    code = "import sys, jaxreg.evaluation.evaluate, jaxreg.dataset, jaxreg.evaluation.metrics; sys.exit('jax' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

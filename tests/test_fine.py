@@ -8,9 +8,9 @@ import pytest
 from scipy import ndimage
 
 import jaxreg  # noqa: F401
-from jaxreg import metrics
+from jaxreg.evaluation import metrics
 from jaxreg.config import ConfigError, FineConfig, UnfoldConfig, load_config
-from jaxreg.unfold import fold_mask, unfold
+from jaxreg.stages.unfold import fold_mask, unfold
 
 from synthetic import brain, inverse_of, pull, smooth_field
 from test_metrics import reference_digital_jacobians
@@ -101,9 +101,9 @@ def test_fine_and_unfold_settings_are_validated():
 def test_local_ncc_matches_scipy_and_its_gradient_matches_autodiff():
     """Value against scipy (trilinear map_coordinates, uniform_filter); the hand-written gradient
     against JAX autodiff of the same definition written out directly."""
-    from jaxreg.filters import box_filter
-    from jaxreg.refine import LNCC_EPSILON, fixed_window_statistics, intensity_loss
-    from jaxreg.warp import warp
+    from jaxreg.ops.filters import box_filter
+    from jaxreg.stages.refine import LNCC_EPSILON, fixed_window_statistics, intensity_loss
+    from jaxreg.ops.warp import warp
 
     rng = np.random.default_rng(0)
     shape = (14, 13, 12)
@@ -135,7 +135,7 @@ def test_local_ncc_matches_scipy_and_its_gradient_matches_autodiff():
     np.testing.assert_allclose(np.asarray(grad), np.asarray(ref_grad), atol=1e-3 * scale)
 
     # with both terms: the SSD part equals the feature level's SSD on intensities scaled by 3
-    from jaxreg.refine import warped_ssd
+    from jaxreg.stages.refine import warped_ssd
     both = jax.value_and_grad(intensity_loss)(jnp.asarray(disp), jnp.asarray(moving), stats, (9.0, 2.0, window))
     ssd = jax.value_and_grad(warped_ssd)(jnp.asarray(disp), jnp.asarray(3 * moving)[..., None], jnp.asarray(3 * fixed)[..., None])
     np.testing.assert_allclose(float(both[0]), float(ssd[0]) + 2.0 * float(value), rtol=1e-5)

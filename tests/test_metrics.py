@@ -1,4 +1,4 @@
-"""jaxreg.metrics against hand-counted answers and against independent references.
+"""jaxreg.evaluation.metrics against hand-counted answers and against independent references.
 
 References: scipy.ndimage.map_coordinates (label warping), per-label boolean loops written from
 LUMIR's definitions (Dice), the PyPI ``surface-distance`` package (HD95; skipped when absent),
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from jaxreg import metrics
+from jaxreg.evaluation import metrics
 from jaxreg.errors import InputError
 
 
@@ -198,7 +198,7 @@ def test_hd95_vanished_label_is_inf_reported_and_logged(caplog):
     fixed = cube_map((10, 10, 10), (2, 2, 2), 3, label=1) + cube_map((10, 10, 10), (6, 6, 6), 2, label=2)
     moving = fixed.copy()
     warped = cube_map((10, 10, 10), (2, 2, 2), 3, label=1)  # label 2 vanished
-    with caplog.at_level(logging.WARNING, logger="jaxreg.metrics"):
+    with caplog.at_level(logging.WARNING, logger="jaxreg.evaluation.metrics"):
         values = metrics.hd95(fixed, warped, moving, [0, 1, 2, 5])
     assert values[1] == 0.0 and np.isposinf(values[2]) and np.isnan(values[3])
     assert np.isposinf(metrics.nan_mean(values))
@@ -333,7 +333,7 @@ def test_tre_landmark_volumes_vanished_landmark_makes_the_pair_nan(caplog):
     moving = fixed.copy()
     disp = np.zeros((3, 12, 12, 12))
     disp[:, 8, 8, 8] = 1.0  # voxel (8,8,8) now samples (9,9,9): landmark 2 is lost
-    with caplog.at_level(logging.WARNING, logger="jaxreg.metrics"):
+    with caplog.at_level(logging.WARNING, logger="jaxreg.evaluation.metrics"):
         tre = metrics.tre_landmark_volumes(fixed, moving, disp)
     assert tre.vanished == (2,) and math.isnan(tre.mean) and tre.distances[0] == 0.0
     assert "[2]" in caplog.text

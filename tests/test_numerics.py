@@ -9,9 +9,9 @@ import pytest
 from scipy import ndimage
 
 import jaxreg  # noqa: F401  (sets XLA flags before jax compiles anything)
-from jaxreg.features import mind_pairs, mind_ssc, mind_ssc_pooled
-from jaxreg.filters import avg_pool, box_filter, forward_difference
-from jaxreg.warp import compose_affine, resize, sample, warp, warp_field
+from jaxreg.stages.features import mind_pairs, mind_ssc, mind_ssc_pooled
+from jaxreg.ops.filters import avg_pool, box_filter, forward_difference
+from jaxreg.ops.warp import compose_affine, resize, sample, warp, warp_field
 
 RNG = np.random.default_rng(0)
 

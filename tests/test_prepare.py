@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from jaxreg.cli.main import main
 from jaxreg.errors import InputError
-from jaxreg.prepare import prepare, template
+from jaxreg.apps.prepare import prepare, template
 
 OASIS = Path(os.environ.get("JAXREG_OASIS_DIR", Path(__file__).resolve().parents[2] / "shared/data/oasis-trt20"))
 

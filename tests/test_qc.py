@@ -8,7 +8,7 @@ pytest.importorskip("matplotlib", reason="QC pictures need the optional matplotl
 
 from jaxreg import metrics  # noqa: E402
 from jaxreg.cli.main import main  # noqa: E402
-from jaxreg.qc import log_jacobian, qc_figure, qc_slices, write_index  # noqa: E402
+from jaxreg.apps.qc import log_jacobian, qc_figure, qc_slices, write_index  # noqa: E402
 
 from synthetic import SHAPE, brain, smooth_field  # noqa: E402
 

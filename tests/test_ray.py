@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 import jaxreg.cli.main  # noqa: F401  builds the app with its commands
-from jaxreg import batch
+from jaxreg.apps import batch
 
 from test_batch import FAST, _log, _run, make_dataset
 
-TASK_TITLE = "ray::_run_task"  # the process title Ray gives a worker while it runs jaxreg.cluster._run_task
+TASK_TITLE = "ray::_run_task"  # the process title Ray gives a worker while it runs jaxreg.apps.cluster._run_task
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_ray_missing_is_one_error_line(tmp_path, capsys, monkeypatch):
 def test_an_explicit_address_sends_the_token_when_one_exists(tmp_path, monkeypatch):
     """Ray 2.60: `ray start` protects a cluster with a token; a driver given HOST:PORT must be told
     to send it (RAY_AUTH_MODE=token), or it retries InvalidAuthToken until it gives up."""
-    from jaxreg.cluster import send_token_when_available
+    from jaxreg.apps.cluster import send_token_when_available
 
     token = tmp_path / "auth_token"
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):  # set, then delete: monkeypatch restores either state

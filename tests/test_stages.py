@@ -7,13 +7,13 @@ import pytest
 from scipy import ndimage
 
 import jaxreg  # noqa: F401
-from jaxreg.affine import affine_search
-from jaxreg.coarse import coarse_search
+from jaxreg.stages.affine import affine_search
+from jaxreg.stages.coarse import coarse_search
 from jaxreg.config import AffineConfig, CoarseConfig, RefineConfig
-from jaxreg.features import mind_ssc_pooled
-import jaxreg.refine as refine_module
-from jaxreg.refine import refine
-from jaxreg.warp import affine_coordinates, sample, warp
+from jaxreg.stages.features import mind_ssc_pooled
+import jaxreg.stages.refine as refine_module
+from jaxreg.stages.refine import refine
+from jaxreg.ops.warp import affine_coordinates, sample, warp
 
 from synthetic import SHAPE, brain, inverse_of, pull, smooth_field
 
@@ -64,7 +64,7 @@ def test_gpu_programs_gather_the_features_channel_by_channel():
 
 def test_only_cpu_programs_fuse_the_adam_step_with_its_box_filter():
     """GPU and TPU programs keep autodiff's transpose of the smoothing (the programs timed on devices)."""
-    from jaxreg import cpu_kernels
+    from jaxreg.ops.native import kernels as cpu_kernels
     params = jax.ShapeDtypeStruct((3, 5, 6, 7), jnp.float32)
     program = jax.jit(lambda p: refine_module._adam(lambda s: jnp.sum(jnp.sin(s)), p, 1, 0.1, 2)).trace(params)
     assert "jaxreg_box_adam" not in program.lower(lowering_platforms=("cuda",)).as_text()

@@ -14,7 +14,7 @@ from synthetic import brain, pull, smooth_field
 from jaxreg.config import load_config
 from jaxreg.dataset import EvalPair, Pair
 from jaxreg.errors import ConfigError
-from jaxreg.tune import (
+from jaxreg.apps.tune import (
     Split,
     TuneResult,
     candidates,

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import cpu_kernels
-from .filters import avg_pool, box_filter
+from ..ops.native import kernels
+from ..ops.filters import avg_pool, box_filter
 
 # The six neighbours as positions in a 3x3x3 stencil (ConvexAdam's order) and the channel permutation
 # ConvexAdam applies "to have the same ordering as the C++ code".
@@ -57,10 +57,10 @@ def mind_ssc(image: jnp.ndarray, radius: int = 1, dilation: int = 2) -> jnp.ndar
 def mind_ssc_pooled(image: jnp.ndarray, radius: int = 1, dilation: int = 2, factor: int = 1,
                     slab: int = 16) -> jnp.ndarray:
     """``avg_pool(mind_ssc(image), factor)``, (12, X//factor, Y//factor, Z//factor), without the
-    full-resolution descriptor: in CPU programs a kernel (:func:`cpu_kernels.mind_ssc_pooled`),
+    full-resolution descriptor: in CPU programs a kernel (:func:`kernels.mind_ssc_pooled`),
     elsewhere :func:`_mind_ssc_pooled_jax`, slab by slab."""
     jax_path = functools.partial(_mind_ssc_pooled_jax, radius=radius, dilation=dilation, factor=factor, slab=slab)
-    return cpu_kernels.mind_ssc_pooled(image, radius, mind_pairs(dilation), factor, jax_path)
+    return kernels.mind_ssc_pooled(image, radius, mind_pairs(dilation), factor, jax_path)
 
 
 def _mind_ssc_pooled_jax(image: jnp.ndarray, radius: int, dilation: int, factor: int, slab: int) -> jnp.ndarray:

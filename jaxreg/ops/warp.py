@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import cpu_kernels
+from .native import kernels
 
 # float32 products in full precision: GPUs would otherwise run einsum/matmul in TF32 (10-bit
 # mantissa), i.e. errors of ~0.1 voxel in affine coordinates and in interpolation weights.
@@ -99,7 +99,7 @@ def warp_field(field: jnp.ndarray, disp: jnp.ndarray, mode: str = "zeros") -> jn
 def _warp_channels(volume: jnp.ndarray, disp: jnp.ndarray, mode: str) -> jnp.ndarray:
     """(C, X, Y, Z) `volume` at ``x + disp(x)``: the CPU kernel or :func:`_warp_channels_jax`;
     differentiated through the JAX path."""
-    return cpu_kernels.warp_channels(volume, disp, mode, functools.partial(_warp_channels_jax, mode=mode))
+    return kernels.warp_channels(volume, disp, mode, functools.partial(_warp_channels_jax, mode=mode))
 
 
 def _warp_channels_forward(volume, disp, mode):
@@ -114,7 +114,7 @@ _warp_channels.defvjp(_warp_channels_forward, _warp_channels_backward)
 
 
 def _warp_channels_jax(volume: jnp.ndarray, disp: jnp.ndarray, mode: str) -> jnp.ndarray:
-    """:func:`cpu_kernels.warp_channels` as XLA code: (C, X, Y, Z) volume, channels first."""
+    """:func:`kernels.warp_channels` as XLA code: (C, X, Y, Z) volume, channels first."""
     moved = sample(jnp.moveaxis(volume, 0, -1), identity_grid(disp.shape[1:]) + disp, mode)
     return jnp.moveaxis(moved, -1, 0)
 

@@ -15,14 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .coarse import coarse_search
-from .config import RegistrationConfig
-from .features import mind_ssc_pooled
-from .io import load_volume
-from .pipeline import check_pair, compiled_batched_program, compiled_program, normalise, refinement_features
-from .refine import refine, refine_fine
-from .unfold import unfold
-from .warp import resize
+from ..stages.coarse import coarse_search
+from ..config import RegistrationConfig
+from ..stages.features import mind_ssc_pooled
+from ..io import load_volume
+from ..pipeline import check_pair, compiled_batched_program, compiled_program, normalise, refinement_features
+from ..stages.refine import refine, refine_fine
+from ..stages.unfold import unfold
+from ..ops.warp import resize
 
 
 @dataclass

@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import cpu_kernels
-from .config import CoarseConfig
-from .filters import box_filter
-from .warp import warp_field
+from ..ops.native import kernels
+from ..config import CoarseConfig
+from ..ops.filters import box_filter
+from ..ops.warp import warp_field
 
 
 def search_offsets(radius: int) -> np.ndarray:
@@ -40,7 +40,7 @@ def cost_volume(fixed_features: jnp.ndarray, moving_features: jnp.ndarray, radiu
     squared_differences = functools.partial(_squared_differences, radius=radius)
 
     def one(offsets):
-        cost = cpu_kernels.cost_volume(fixed_features, moving_features, offsets, squared_differences)
+        cost = kernels.cost_volume(fixed_features, moving_features, offsets, squared_differences)
         return box_filter(box_filter(cost, 3), 3)
 
     costs = jax.lax.map(one, blocks)
@@ -48,7 +48,7 @@ def cost_volume(fixed_features: jnp.ndarray, moving_features: jnp.ndarray, radiu
 
 
 def _squared_differences(fixed_features, moving_features, offsets, radius: int):
-    """The JAX path of :func:`cpu_kernels.cost_volume`, one candidate at a time (offsets within
+    """The JAX path of :func:`kernels.cost_volume`, one candidate at a time (offsets within
     `radius`)."""
     padded = jnp.pad(moving_features, ((0, 0),) + ((radius, radius),) * 3)
     channels, *shape = fixed_features.shape
@@ -63,7 +63,7 @@ def _squared_differences(fixed_features, moving_features, offsets, radius: int):
 def _coupled_argmin(cost: jnp.ndarray, offsets: jnp.ndarray, centre: jnp.ndarray | None, weight: float) -> jnp.ndarray:
     """Per cell, the first candidate index minimising ``cost + weight * |offset - centre|^2``: the CPU
     kernel, or :func:`_coupled_argmin_jax`."""
-    return cpu_kernels.coupled_argmin(cost, offsets, centre, weight, _coupled_argmin_jax)
+    return kernels.coupled_argmin(cost, offsets, centre, weight, _coupled_argmin_jax)
 
 
 def _coupled_argmin_jax(cost: jnp.ndarray, offsets: jnp.ndarray, centre: jnp.ndarray | None, weight: float) -> jnp.ndarray:

@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from .config import AffineConfig
+from ..config import AffineConfig
 from .features import mind_ssc
-from .filters import avg_pool
-from .warp import HIGHEST, apply_affine, sample
+from ..ops.filters import avg_pool
+from ..ops.warp import HIGHEST, apply_affine, sample
 
 TRANSLATION_SCALE = 20.0  # voxels per unit of the translation parameters
 

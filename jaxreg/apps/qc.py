@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .errors import InputError
-from .io import atomic_output
-from .metrics import non_diffeomorphic_volume_map
+from ..errors import InputError
+from ..io import atomic_output
+from ..evaluation.metrics import non_diffeomorphic_volume_map
 
 PLANES = ("sagittal", "coronal", "axial")  # slice normal along array axis 0, 1, 2
 
@@ -192,8 +192,8 @@ def summary_line(values: dict) -> str:
 def qc_for_files(fixed_path, moving_path, disp_path, output, *, values: dict | None = None,
                  label: str = "") -> tuple[Path, dict]:
     """Read a pair and its field, compute NDV (fixed mask) if not given, draw the picture."""
-    from .io import load_field, load_volume
-    from .metrics import ndv
+    from ..io import load_field, load_volume
+    from ..evaluation.metrics import ndv
 
     fixed, _ = load_volume(fixed_path, "fixed image")
     moving, _ = load_volume(moving_path, "moving image")

@@ -13,7 +13,7 @@ gather scatters into the features, which costs several times more than the fused
 So have the full-resolution data term (:func:`intensity_loss`) and the fold penalty
 (:func:`fold_penalty`; its autodiff held ~40 full-size intermediates). In CPU programs the sampling,
 the feature SSD, the local NCC, the fold penalty and each Adam step's last box filter with the update
-run as C++ kernels (:mod:`jaxreg.cpu_kernels`); the ``_jax`` functions here (and autodiff, for the
+run as C++ kernels (:mod:`jaxreg.ops.native.kernels`); the ``_jax`` functions here (and autodiff, for the
 Adam step) are the path everywhere else and the reference the kernels are tested against.
 """
 
@@ -25,12 +25,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from .config import FineConfig, RefineConfig
-from .cpu_kernels import (box_adam, fold_penalty_and_gradient, lncc_and_derivative, on_cpu,
+from ..config import FineConfig, RefineConfig
+from ..ops.native.kernels import (box_adam, fold_penalty_and_gradient, lncc_and_derivative, on_cpu,
                           trilinear_with_slopes, warped_ssd_and_gradient)
-from .filters import SPATIAL, box_filter, forward_difference
-from .jacobians import det3
-from .warp import CORNERS, identity_grid, resize, trilinear_corners
+from ..ops.filters import SPATIAL, box_filter, forward_difference
+from ..ops.jacobians import det3
+from ..ops.warp import CORNERS, identity_grid, resize, trilinear_corners
 
 
 def _use_hand_gradient(function, value_and_gradient, nondiff_argnums=()) -> None:
@@ -99,7 +99,7 @@ def _interpolate(corners, weights):
 
 
 def _sample_with_slopes(disp, moving):
-    """The JAX path of :func:`cpu_kernels.trilinear_with_slopes` (GPU, TPU, CPU without a compiler):
+    """The JAX path of :func:`kernels.trilinear_with_slopes` (GPU, TPU, CPU without a compiler):
     `moving` (X, Y, Z) or channels-last (X, Y, Z, C), the value and slopes shaped alike."""
     samples, weights = _corner_samples(disp, moving)
     if samples.ndim > 4:  # channels last: the per-cell weights broadcast over them
@@ -340,7 +340,7 @@ def _adam(loss_of_smoothed, params: jnp.ndarray, passes: int, learning_rate: flo
 def _box_adam_update(gradient, params, state, learning_rate: float):
     """(params, state) after one optax.adam step (:data:`ADAM`) whose gradient is the zero-padded
     SMOOTHING_WIDTH^3 box average of `gradient`, filtered and applied in one pass by the CPU kernel
-    (:func:`cpu_kernels.box_adam`; CPU programs only). `state` is optax.adam's."""
+    (:func:`kernels.box_adam`; CPU programs only). `state` is optax.adam's."""
     adam, rest = state
     count = optax.safe_increment(adam.count)
     corrections = jnp.stack([1 - ADAM["b1"] ** count, 1 - ADAM["b2"] ** count])  # as optax forms them

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .config import AffineConfig
-from .errors import InputError
-from .io import atomic_output, load_labels, load_nifti, load_volume, save_volume
+from ..config import AffineConfig
+from ..errors import InputError
+from ..io import atomic_output, load_labels, load_nifti, load_volume, save_volume
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class Prepared:
 
 def template() -> tuple[np.ndarray, np.ndarray]:
     """The ICBM152 2009a template in LUMIR geometry (array, vox2world)."""
-    from .demo import demo_pair
+    from ..demo import demo_pair
 
     return load_volume(demo_pair()[0], "template")
 
@@ -109,8 +109,8 @@ def prepare(t1_path, *, labels_path=None, landmarks_path=None, config: AffineCon
     """Affinely register a native T1 to the LUMIR template and resample it (and its labels and landmarks)."""
     import jax.numpy as jnp
 
-    from .affine import affine_search
-    from .pipeline import normalise
+    from ..stages.affine import affine_search
+    from ..pipeline import normalise
 
     img = load_nifti(t1_path, "T1 image")
     data = np.asanyarray(img.dataobj)

@@ -12,7 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from . import cpu_kernels
+from .native import kernels
 
 SPATIAL = (-3, -2, -1)
 
@@ -47,14 +47,14 @@ def box_filter(x: jnp.ndarray, size: int = 3, axes=SPATIAL, mode: str = "zeros")
         return x
     axes = tuple(sorted({a % x.ndim for a in axes}))
     jax_path = functools.partial(_box_filter_jax, size=size, axes=axes, mode=mode)
-    if x.ndim < 3 or axes[0] < x.ndim - 3 or size > cpu_kernels.MAX_BOX_SIZE:  # the kernel's reach
+    if x.ndim < 3 or axes[0] < x.ndim - 3 or size > kernels.MAX_BOX_SIZE:  # the kernel's reach
         return jax_path(x)
-    return cpu_kernels.on_cpu(lambda v: _native_box(v, size, axes, mode), jax_path, x)
+    return kernels.on_cpu(lambda v: _native_box(v, size, axes, mode), jax_path, x)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _native_box(x, size, axes, mode):
-    return cpu_kernels.box_average(x, size, axes, mode == "edge")
+    return kernels.box_average(x, size, axes, mode == "edge")
 
 
 def _native_box_forward(x, size, axes, mode):

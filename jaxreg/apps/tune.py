@@ -27,13 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import metrics
-from .config import RegistrationConfig, config_from_dict, config_to_dict, parse_override
-from .dataset import EvalPair, EvaluationConfig
-from .errors import ConfigError, InputError
-from .evaluate import label_metrics
-from .io import atomic_output, load_labels, load_volume
-from .pipeline import register
+from ..evaluation import metrics
+from ..config import RegistrationConfig, config_from_dict, config_to_dict, parse_override
+from ..dataset import EvalPair, EvaluationConfig
+from ..errors import ConfigError, InputError
+from ..evaluation.evaluate import label_metrics
+from ..io import atomic_output, load_labels, load_volume
+from ..pipeline import register
 
 __all__ = ["Candidate", "Split", "TuneResult", "candidates", "fold_splits", "holdout_split", "parse_grid",
            "preset_toml", "report_lines", "tune", "write_preset"]

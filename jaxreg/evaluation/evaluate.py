@@ -2,7 +2,7 @@
 
 For every pair of an :class:`~jaxreg.dataset.EvaluationConfig` the field
 ``disp_{FIXED}_{MOVING}.nii.gz`` is read from the fields folder and scored with the metrics that
-apply to the pair (:mod:`jaxreg.metrics`): Dice and HD95 over the label list, TRE on landmark
+apply to the pair (:mod:`jaxreg.evaluation.metrics`): Dice and HD95 over the label list, TRE on landmark
 volumes (LUMIR's centroid version, ``tre_lm``) and, when landmark CSVs exist, on keypoints
 (``tre_kp``), NDV with the fixed (default) or moving image mask, and SDlogJ on every pair.
 
@@ -34,9 +34,9 @@ import nibabel as nib
 import numpy as np
 
 from . import metrics
-from .dataset import EvalPair, EvaluationConfig, load_keypoints_csv
-from .errors import ConfigError, InputError
-from .io import atomic_output, load_field, load_labels, load_volume
+from ..dataset import EvalPair, EvaluationConfig, load_keypoints_csv
+from ..errors import ConfigError, InputError
+from ..io import atomic_output, load_field, load_labels, load_volume
 
 logger = logging.getLogger(__name__)
 

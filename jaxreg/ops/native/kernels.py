@@ -219,7 +219,7 @@ def _native_fold_mask(disp: jnp.ndarray) -> jnp.ndarray:
 
 
 def unfold(disp: jnp.ndarray, rounds: int, local_rounds: int, grow: int, blend: float, jax_path):
-    """The fold repair of :func:`jaxreg.unfold.unfold`: (field, rounds run, folding voxels left).
+    """The fold repair of :func:`jaxreg.stages.unfold.unfold`: (field, rounds run, folding voxels left).
     The kernel runs every round in one call and touches only the rows near folding voxels;
     ``jax_path(disp)`` computes the same."""
     return on_cpu(lambda d: _native_unfold(d, rounds, local_rounds, grow, blend), jax_path, disp)
@@ -281,7 +281,7 @@ def _native_sample(volume, disp, mode: str):
 
 def mind_ssc_pooled(image: jnp.ndarray, radius: int, pairs, factor: int, jax_path) -> jnp.ndarray:
     """MIND-SSC of `image` (X,Y,Z) averaged over factor^3 blocks: (12, X//f, Y//f, Z//f). `pairs`: the
-    twelve channels' two voxel offsets (:func:`jaxreg.features.mind_pairs`); ``jax_path(image)``
+    twelve channels' two voxel offsets (:func:`jaxreg.stages.features.mind_pairs`); ``jax_path(image)``
     computes the same."""
     if radius > MAX_BOX_SIZE // 2:  # the kernel's patch sums reach 16 voxels
         return jax_path(image)
@@ -325,7 +325,7 @@ def box_adam(gradient, corrections, moments, params, size: int, coefficients):
 
 def box_average(x: jnp.ndarray, size: int, axes, edge: bool) -> jnp.ndarray:
     """The kernel's box average of odd width `size` (at most MAX_BOX_SIZE) along `axes` (a subset of
-    the last three), edge-replicated or zero-padded: what :func:`jaxreg.filters.box_filter` computes."""
+    the last three), edge-replicated or zero-padded: what :func:`jaxreg.ops.filters.box_filter` computes."""
     mask = sum(1 << (a % x.ndim - (x.ndim - 3)) for a in axes)
     volumes = x.reshape((-1,) + x.shape[-3:]).astype(jnp.float32)
     call = jax.ffi.ffi_call("jaxreg_box", jax.ShapeDtypeStruct(volumes.shape, jnp.float32), vmap_method="sequential")

@@ -23,8 +23,8 @@ from functools import lru_cache
 import numpy as np
 from scipy import ndimage
 
-from .errors import InputError
-from .jacobians import det3, digital_jacobians
+from ..errors import InputError
+from ..ops.jacobians import det3, digital_jacobians
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Finite-difference Jacobian determinants of a transform, written once for NumPy and JAX arrays.
 
-Only slicing and arithmetic, so the evaluator (:mod:`jaxreg.metrics`, NumPy float64) and the fold
-repair inside the jitted program (:mod:`jaxreg.unfold`, JAX float32) use the same definition.
+Only slicing and arithmetic, so the evaluator (:mod:`jaxreg.evaluation.metrics`, NumPy float64) and the fold
+repair inside the jitted program (:mod:`jaxreg.stages.unfold`, JAX float32) use the same definition.
 """
 
 from __future__ import annotations

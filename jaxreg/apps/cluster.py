@@ -1,8 +1,8 @@
 """Batch runs on a Ray cluster: one Ray task per pair; planning, resume and logging stay local.
 
-:class:`RayExecutor` plugs into :func:`jaxreg.batch.run_batch` (``executor=``), which plans the
+:class:`RayExecutor` plugs into :func:`jaxreg.apps.batch.run_batch` (``executor=``), which plans the
 run, skips finished fields, writes ``run_log.jsonl`` / ``run_config.json`` and scores exactly as in
-a local run; only "register this pair" (:class:`jaxreg.batch.PairTask`, the local per-pair code
+a local run; only "register this pair" (:class:`jaxreg.apps.batch.PairTask`, the local per-pair code
 path) runs on the cluster. Each task
 
 * reserves one GPU when the cluster has GPUs, else ``cpus_per_task`` CPUs (default 1, so a
@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from .batch import PairOutcome, PairTask, _one_line, _remove_stale_temporaries
-from .errors import ConfigError, InputError
+from ..errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def send_token_when_available(address: str | None) -> None:
 
 
 class RayExecutor:
-    """Runs :class:`~jaxreg.batch.PairTask` s as Ray tasks (see the module docstring).
+    """Runs :class:`~jaxreg.apps.batch.PairTask` s as Ray tasks (see the module docstring).
 
     Arguments:
         address: the cluster to connect to (``HOST:PORT`` of its head, ``auto``); None does what

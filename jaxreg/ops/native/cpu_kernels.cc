@@ -14,7 +14,7 @@
 // jaxreg_fold_mask: the voxels where one of LUMIR's ten digital Jacobians is negative (XLA formed the
 // ten determinants as separate full-size passes).
 //
-// jaxreg_unfold: the whole fold repair (jaxreg.unfold) in one call. Its rounds touch only the rows
+// jaxreg_unfold: the whole fold repair (jaxreg.stages.unfold) in one call. Its rounds touch only the rows
 // near folding voxels, where XLA's loop smoothed and re-masked the whole field every round.
 //
 // jaxreg_cost_volume: the coarse search's matching cost of every candidate offset, row by row with the
@@ -268,7 +268,7 @@ ffi::Error WarpedSsdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> disp, ffi::
 }
 
 // value (X,Y,Z) and slopes (3,X,Y,Z) of a one-channel volume (VX,VY,VZ) at x + disp(x); disp
-// (3,X,Y,Z) in voxels. Corners outside the volume count as 0 (jaxreg.warp's "zeros" mode); a
+// (3,X,Y,Z) in voxels. Corners outside the volume count as 0 (jaxreg.ops.warp's "zeros" mode); a
 // non-finite displacement gives NaN. (Several channels: jaxreg_warped_ssd reduces them in its loop.)
 ffi::Error TrilinearImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> disp, ffi::Buffer<ffi::F32> volume,
                          ffi::ResultBuffer<ffi::F32> value, ffi::ResultBuffer<ffi::F32> slopes) {
@@ -387,7 +387,7 @@ bool RowHasPositive(const float* row, int64_t n) {
 }
 
 // One row (fixed x, y, inside) of the fold mask: any of the ten digital Jacobians of
-// phi = x + disp negative (jaxreg.jacobians.digital_jacobians, with phi formed and differenced in
+// phi = x + disp negative (jaxreg.ops.jacobians.digital_jacobians, with phi formed and differenced in
 // float32 as unfold.fold_mask does). u0, u1, u2: the row's components; sx, sy: strides along x, y.
 // Only voxels z in [z_begin, z_end) are written (the border ones as false).
 void FoldMaskRow(const float* __restrict__ u0, const float* __restrict__ u1, const float* __restrict__ u2,

@@ -49,14 +49,14 @@ import jax
 import nibabel as nib
 import numpy as np
 
-from . import __version__
-from .config import RegistrationConfig, config_to_dict
-from .dataset import EvalPair, EvaluationConfig, Pair, load_evaluation_config, subject_id
-from .errors import ConfigError, InputError, JaxregError
-from .evaluate import EvaluationReport, PairResult, evaluate_fields, summarize, write_json
-from .io import atomic_output, load_field, load_volume, save_field
-from .pipeline import check_pair, ncc, normalise, run_program
-from .warp import warp
+from .. import __version__
+from ..config import RegistrationConfig, config_to_dict
+from ..dataset import EvalPair, EvaluationConfig, Pair, load_evaluation_config, subject_id
+from ..errors import ConfigError, InputError, JaxregError
+from ..evaluation.evaluate import EvaluationReport, PairResult, evaluate_fields, summarize, write_json
+from ..io import atomic_output, load_field, load_volume, save_field
+from ..pipeline import check_pair, ncc, normalise, run_program
+from ..ops.warp import warp
 
 log = logging.getLogger(__name__)
 
@@ -381,7 +381,7 @@ class _Job:
 @dataclass(frozen=True)
 class PairTask:
     """One pair to register, self-contained and picklable so that another process or machine can
-    run it (:mod:`jaxreg.cluster`). ``task()`` runs the local per-pair code path (load, register,
+    run it (:mod:`jaxreg.apps.cluster`). ``task()`` runs the local per-pair code path (load, register,
     guard, atomic write) on this process's first JAX device and returns the :class:`PairOutcome`;
     running it again rewrites the same field, so a retried task is harmless."""
 
@@ -399,7 +399,7 @@ class PairTask:
 
 class Executor(Protocol):
     """Runs the pairs to register somewhere other than this process's devices (e.g.
-    :class:`jaxreg.cluster.RayExecutor`); planning, resume, logging and scoring stay in
+    :class:`jaxreg.apps.cluster.RayExecutor`); planning, resume, logging and scoring stay in
     :func:`run_batch`. ``run`` calls ``finish(task, outcome)`` exactly once per task, in any order
     and from any thread, turning a task that could not run into a ``failed`` outcome. ``workers``
     (pairs run at once) scales the ETA; ``name`` goes into :attr:`BatchReport.devices`."""

@@ -15,7 +15,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 
 # The settings the LUMIR organisers used (as configs/convexadam-lumir.toml).
 LUMIR_SETTINGS = {"mind_r": 1, "mind_d": 2, "lambda_weight": 1.6, "grid_sp": 2, "disp_hw": 2, "selected_niter": 80,

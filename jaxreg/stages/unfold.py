@@ -1,7 +1,7 @@
 """Fold repair of a finished field: smooth it locally wherever it folds, until it folds nowhere.
 
 LUMIR scores folding with the non-diffeomorphic volume (NDV): ten finite-difference Jacobian
-determinants per voxel (:mod:`jaxreg.jacobians`), any negative one counts. The optimisation's
+determinants per voxel (:mod:`jaxreg.ops.jacobians`), any negative one counts. The optimisation's
 penalties keep folds rare but cannot rule them out, and their exact gradient costs 50x the forward
 pass at full resolution. The folding voxels are few, so a repair is cheaper and exact: each round
 moves the field, at every voxel that still folds (later rounds: near it), towards its local 3^3
@@ -14,17 +14,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from . import cpu_kernels
-from .config import UnfoldConfig
-from .filters import box_filter
-from .jacobians import digital_jacobians
-from .warp import identity_grid
+from ..ops.native import kernels
+from ..config import UnfoldConfig
+from ..ops.filters import box_filter
+from ..ops.jacobians import digital_jacobians
+from ..ops.warp import identity_grid
 
 
 def fold_mask(disp: jnp.ndarray) -> jnp.ndarray:
     """Boolean (X, Y, Z): voxels where one of the ten digital Jacobians of ``x + disp(x)`` is negative
     (the voxels with non-zero NDV; the one-voxel border, which the evaluator crops, is False)."""
-    return cpu_kernels.fold_mask(disp, _fold_mask_jax)
+    return kernels.fold_mask(disp, _fold_mask_jax)
 
 
 def _fold_mask_jax(disp: jnp.ndarray) -> jnp.ndarray:
@@ -42,9 +42,9 @@ def unfold(disp: jnp.ndarray, config: UnfoldConfig) -> tuple[jnp.ndarray, jnp.nd
     A round moves the field, on the folding voxels (the first ``config.local_rounds`` rounds) or on the
     fold mask grown by a ``config.grow``^3 box (later rounds), ``config.blend`` of the way to its 3^3 box
     average (border replicated); the loop ends when no voxel folds or after ``config.rounds``.
-    In CPU programs one kernel runs all the rounds (:func:`cpu_kernels.unfold`).
+    In CPU programs one kernel runs all the rounds (:func:`kernels.unfold`).
     """
-    return cpu_kernels.unfold(disp, config.rounds, config.local_rounds, config.grow, config.blend,
+    return kernels.unfold(disp, config.rounds, config.local_rounds, config.grow, config.blend,
                               lambda d: _unfold_jax(d, config))
 
 
