@@ -57,7 +57,7 @@ def register_command(
     qc: Optional[Path] = typer.Option(None, "--qc", help="Also write a quality-control picture into this folder."),
 ):
     """Register MOVING to FIXED and write the LUMIR displacement field."""
-    from jaxreg.pipeline import register_files
+    from jaxreg.registration import register_files
 
     result, written = register_files(fixed, moving, output, moved_output=moved,
                                      warp_labels=_label_outputs(warp_labels or [], output), preset=preset,
@@ -83,7 +83,7 @@ def demo_command(
 ):
     """Register the embedded demo pair (ICBM152 template <- Colin27) and report what happened."""
     from jaxreg.demo import demo_pair
-    from jaxreg.pipeline import register_files
+    from jaxreg.registration import register_files
 
     fixed, moving = demo_pair()
     typer.echo(f"demo pair     fixed {fixed.name} (ICBM152 2009a), moving {moving.name} (Colin27)")

@@ -18,7 +18,7 @@ _configure_xla()  # XLA flags must be set before anything imports jax
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "register": "pipeline", "register_files": "pipeline", "RegistrationResult": "pipeline",
+    "register": "registration", "register_files": "registration", "RegistrationResult": "registration",
     "RegistrationConfig": "config", "load_config": "config", "preset_names": "config",
     "ConfigError": "errors", "InputError": "errors", "JaxregError": "errors",
     "load_field": "io", "load_volume": "io", "save_field": "io",

@@ -124,7 +124,7 @@ def test_fold_margin_penalises_cells_whose_jacobian_falls_below_it():
 
 
 def test_lumir_preset_recovers_a_known_deformation_better_than_the_baseline_without_folds():
-    from jaxreg.pipeline import register
+    from jaxreg.registration import register
     baseline = register(FIXED, MOVING, preset="convexadam-lumir").disp
     lumir = register(FIXED, MOVING, preset="lumir").disp
     assert _error(lumir) < _error(baseline), (_error(baseline), _error(lumir))

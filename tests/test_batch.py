@@ -21,7 +21,7 @@ from jaxreg.cli.main import main
 from jaxreg.dataset import load_pairs
 from jaxreg.errors import ConfigError, InputError
 from jaxreg.evaluation.evaluate import evaluate_fields
-from jaxreg.pipeline import register
+from jaxreg.registration import register
 
 from synthetic import SHAPE, brain, inverse_of, pull, smooth_field
 

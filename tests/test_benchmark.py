@@ -51,7 +51,7 @@ def test_refine_step_bytes_counts_floats_per_cell():
 def test_vmapped_program_registers_each_pair_as_the_single_pair_program_does():
     import jax.numpy as jnp
 
-    from jaxreg.pipeline import compiled_batched_program, compiled_program
+    from jaxreg.compilation import compiled_batched_program, compiled_program
 
     fixed = brain()
     movings = [pull(fixed, smooth_field(seed=seed)) for seed in (1, 2)]

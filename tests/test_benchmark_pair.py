@@ -13,7 +13,7 @@ import pytest
 
 from jaxreg.evaluation import metrics
 from jaxreg.io import load_labels, load_volume
-from jaxreg.pipeline import register
+from jaxreg.registration import register
 
 OASIS = Path(os.environ.get("JAXREG_OASIS_DIR", Path(__file__).resolve().parents[2] / "shared/data/oasis-trt20"))
 pytestmark = [

@@ -7,7 +7,7 @@ from synthetic import SHAPE, pull, smooth_field
 
 from jaxreg.config import load_config
 from jaxreg.ops.contrast_remap import contrast_curve, remap_contrast
-from jaxreg.pipeline import register
+from jaxreg.registration import register
 
 MULTIMODAL = ["refine.iterations=30"]  # the lumir-multimodal preset, shortened as the other tests' programs
 

@@ -162,7 +162,7 @@ def _error(disp):
 
 
 def test_fine_level_recovers_detail_the_feature_grid_misses_without_folds():
-    from jaxreg.pipeline import register
+    from jaxreg.registration import register
     without = register(FIXED, MOVING, preset="lumir", overrides=["fine.enabled=false"])
     with_fine = register(FIXED, MOVING, preset="lumir")
     # with the preset's 20 full-resolution steps: 0.469 against 0.488 voxels (25 steps cleared 0.96)
@@ -172,7 +172,7 @@ def test_fine_level_recovers_detail_the_feature_grid_misses_without_folds():
 
 
 def test_intensity_terms_are_left_out_when_the_contrasts_disagree_and_the_summary_says_so():
-    from jaxreg.pipeline import register
+    from jaxreg.registration import register
     inverted = np.where(MOVING > 0, 255.0 - MOVING, 0.0).astype(np.float32)  # a T2-like contrast
     same = register(FIXED, MOVING, preset="lumir")
     other = register(FIXED, inverted, preset="lumir")

@@ -6,7 +6,7 @@ import pytest
 from scipy import ndimage
 
 import jaxreg  # noqa: F401
-from jaxreg import pipeline
+from jaxreg import compilation, registration as pipeline
 from jaxreg.config import load_config
 from jaxreg.errors import ConfigError, InputError
 
@@ -39,10 +39,10 @@ def test_registration_reduces_misalignment_and_moved_matches_scipy():
 
 def test_same_shape_pairs_reuse_one_compiled_program():
     pipeline.register(FIXED, FIXED, config=CONFIG)
-    count = len(pipeline._executables)
+    count = len(compilation._executables)
     result = pipeline.register(brain(seed=5), FIXED, config=CONFIG)
     assert result.summary["compile_seconds"] == 0.0
-    assert len(pipeline._executables) == count
+    assert len(compilation._executables) == count
 
 
 def test_written_field_applied_with_scipy_reproduces_written_moved_image(tmp_path):
@@ -87,7 +87,7 @@ def test_compiled_program_is_kept_on_disk_for_the_next_process(tmp_path):
     import subprocess
     import sys
 
-    script = ("import numpy as np, jaxreg; from jaxreg.pipeline import register; "
+    script = ("import numpy as np, jaxreg; from jaxreg.registration import register; "
               "from jaxreg.config import load_config; "
               "x = np.random.default_rng(0).random((16, 16, 16)).astype('float32'); "
               "register(x, x, config=load_config('fast', ['refine.iterations=2']))")

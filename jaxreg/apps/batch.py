@@ -55,7 +55,8 @@ from ..dataset import EvalPair, EvaluationConfig, Pair, load_evaluation_config, 
 from ..errors import ConfigError, InputError, JaxregError
 from ..evaluation.evaluate import EvaluationReport, PairResult, evaluate_fields, summarize, write_json
 from ..io import atomic_output, load_field, load_volume, save_field
-from ..pipeline import check_pair, ncc, normalise, run_program
+from ..pipeline import ncc, normalise
+from ..registration import check_pair, run_program
 from ..ops.warp import warp
 
 log = logging.getLogger(__name__)

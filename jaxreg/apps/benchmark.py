@@ -19,7 +19,9 @@ from ..stages.coarse import coarse_search
 from ..config import RegistrationConfig
 from ..stages.features import mind_ssc_pooled
 from ..io import load_volume
-from ..pipeline import check_pair, compiled_batched_program, compiled_program, normalise, refinement_features
+from ..compilation import compiled_batched_program, compiled_program
+from ..pipeline import normalise, refinement_features
+from ..registration import check_pair
 from ..stages.refine import refine, refine_fine
 from ..stages.unfold import unfold
 from ..ops.warp import resize

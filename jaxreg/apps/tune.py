@@ -33,7 +33,7 @@ from ..dataset import EvalPair, EvaluationConfig
 from ..errors import ConfigError, InputError
 from ..evaluation.evaluate import label_metrics
 from ..io import atomic_output, load_labels, load_volume
-from ..pipeline import register
+from ..registration import register
 
 __all__ = ["Candidate", "Split", "TuneResult", "candidates", "fold_splits", "holdout_split", "parse_grid",
            "preset_toml", "report_lines", "tune", "write_preset"]
