@@ -22,22 +22,22 @@ def _label_outputs(label_paths: List[Path], output: Path) -> list[tuple[Path, Pa
 
 def _print_summary(result, written: dict, ndv_percent: float | None) -> None:
     s = result.summary
-    typer.echo(f"preset        {s['preset']}")
-    typer.echo(f"compile       {s['compile_seconds']:.1f} s" + ("  (cached program)" if s["compile_seconds"] == 0 else ""))
-    typer.echo(f"registration  {s['seconds']:.1f} s")
-    typer.echo(f"similarity    NCC {s['ncc_before']:.4f} before -> {s['ncc_after']:.4f} after")
+    typer.echo(f"preset        {s.preset}")
+    typer.echo(f"compile       {s.compile_seconds:.1f} s" + ("  (cached program)" if s.compile_seconds == 0 else ""))
+    typer.echo(f"registration  {s.seconds:.1f} s")
+    typer.echo(f"similarity    NCC {s.ncc_before:.4f} before -> {s.ncc_after:.4f} after")
     if ndv_percent is not None:
         typer.echo(f"NDV           {ndv_percent:.5f} % of the fixed brain mask (non-diffeomorphic volume)")
-    typer.echo(f"max |u|       {s['max_displacement_vox']:.2f} voxels")
-    if s["contrast_ncc"] is not None:
-        verdict = "used" if s["intensity_terms_used"] else "not used"
-        line = (f"intensity     {verdict}: brain NCC {s['contrast_ncc']:.2f} after the coarse search "
+    typer.echo(f"max |u|       {s.max_displacement_vox:.2f} voxels")
+    if s.contrast_ncc is not None:
+        verdict = "used" if s.intensity_terms_used else "not used"
+        line = (f"intensity     {verdict}: brain NCC {s.contrast_ncc:.2f} after the coarse search "
                 f"(used from {result.config.refine.intensity_min_ncc:g})")
-        if not s["intensity_terms_used"]:
+        if not s.intensity_terms_used:
             line += "; the contrasts differ, so only MIND-SSC drove the refinement"
         typer.echo(line)
     if result.config.unfold.rounds > 0:
-        typer.echo(f"fold repair   {s['unfold_rounds']} round(s), {s['folding_voxels']} folding voxel(s) left")
+        typer.echo(f"fold repair   {s.unfold_rounds} round(s), {s.folding_voxels} folding voxel(s) left")
     for what, path in written.items():
         typer.echo(f"wrote {what:<8s} {path}")
 
@@ -62,16 +62,16 @@ def register_command(
     result, written = register_files(fixed, moving, output, moved_output=moved,
                                      warp_labels=_label_outputs(warp_labels or [], output), preset=preset,
                                      overrides=tuple(set_ or ()), init_disp=init_disp)
-    ndv_percent = result.summary["ndv_percent"]
+    ndv_percent = result.summary.ndv_percent
     if qc is not None:
         from jaxreg.apps.qc import qc_for_files
 
-        values = {"ndv": ndv_percent, "ncc_before": result.summary["ncc_before"], "ncc_after": result.summary["ncc_after"]}
+        values = {"ndv": ndv_percent, "ncc_before": result.summary.ncc_before, "ncc_after": result.summary.ncc_after}
         written["qc"], _ = qc_for_files(fixed, moving, output, qc / output.name.replace(".nii.gz", ".png"),
                                         values=values, label=f"{fixed.name} <- {moving.name}")
     _print_summary(result, written, ndv_percent)
     if summary_json is not None:
-        summary = dict(result.summary, outputs={k: str(v) for k, v in written.items()})
+        summary = dict(result.summary.as_dict(), outputs={k: str(v) for k, v in written.items()})
         summary_json.write_text(json.dumps(summary, indent=2))
 
 
@@ -91,7 +91,7 @@ def demo_command(
     result, written = register_files(fixed, moving, output_dir / "disp_0001_0000.nii.gz",
                                      moved_output=output_dir / "moved_0000.nii.gz", preset=preset,
                                      overrides=tuple(set_ or ()))
-    _print_summary(result, written, result.summary["ndv_percent"])
+    _print_summary(result, written, result.summary.ndv_percent)
     typer.echo(f"total         {time.perf_counter() - start:.1f} s wall (load, compile, register, write)")
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, replace
 from os import PathLike
 
 import jax
@@ -24,7 +24,34 @@ log = logging.getLogger(__name__)
 MIN_SIZE = 8
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
+class Summary:
+    """What one registration did, in numbers (run logs, the CLI's report, ``--summary`` JSON).
+
+    ``contrast_ncc`` is the brain NCC after the coarse search that decides whether the intensity
+    terms are used (None when the preset has no such guard); ``ndv_percent`` is filled in by
+    :func:`register_files` (LUMIR25 mask: fixed image > 0).
+    """
+
+    preset: str
+    seconds: float
+    compile_seconds: float
+    ncc_before: float
+    ncc_after: float
+    refine_loss_first: float | None
+    refine_loss_last: float | None
+    max_displacement_vox: float
+    contrast_ncc: float | None
+    intensity_terms_used: bool
+    unfold_rounds: int
+    folding_voxels: int
+    ndv_percent: float | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True, kw_only=True)
 class RegistrationResult:
     """What :func:`register` returns. ``disp`` is (3, X, Y, Z) float32 voxels on the fixed grid."""
 
@@ -32,7 +59,7 @@ class RegistrationResult:
     moved: np.ndarray
     affine: np.ndarray
     config: RegistrationConfig
-    summary: dict = field(default_factory=dict)
+    summary: Summary
 
     @property
     def disp_lumir(self) -> np.ndarray:
@@ -107,20 +134,20 @@ def run_program(config: RegistrationConfig, fixed: np.ndarray, moving: np.ndarra
     out = jax.device_get(jax.block_until_ready(executable(*inputs)))
     seconds = time.perf_counter() - start
     losses = np.asarray(out["refine_loss"])
-    summary = {
-        "preset": config.name,
-        "seconds": seconds,
-        "compile_seconds": compile_seconds,
-        "ncc_before": float(out["ncc_before"]),
-        "ncc_after": float(out["ncc_after"]),
-        "refine_loss_first": float(losses[0]) if losses.size else None,
-        "refine_loss_last": float(losses[-1]) if losses.size else None,
-        "max_displacement_vox": float(np.abs(out["disp"]).max()),
-        "contrast_ncc": None if np.isnan(out["contrast_ncc"]) else float(out["contrast_ncc"]),
-        "intensity_terms_used": bool(out["intensity_used"]),
-        "unfold_rounds": int(out["unfold_rounds"]),
-        "folding_voxels": int(out["folding_voxels"]),
-    }
+    summary = Summary(
+        preset=config.name,
+        seconds=seconds,
+        compile_seconds=compile_seconds,
+        ncc_before=float(out["ncc_before"]),
+        ncc_after=float(out["ncc_after"]),
+        refine_loss_first=float(losses[0]) if losses.size else None,
+        refine_loss_last=float(losses[-1]) if losses.size else None,
+        max_displacement_vox=float(np.abs(out["disp"]).max()),
+        contrast_ncc=None if np.isnan(out["contrast_ncc"]) else float(out["contrast_ncc"]),
+        intensity_terms_used=bool(out["intensity_used"]),
+        unfold_rounds=int(out["unfold_rounds"]),
+        folding_voxels=int(out["folding_voxels"]),
+    )
     log.info("registered in %.1f s (+ %.1f s compilation)", seconds, compile_seconds)
     return RegistrationResult(disp=np.asarray(out["disp"], np.float32), moved=np.asarray(out["moved"], np.float32),
                               affine=np.asarray(out["affine"]), config=config, summary=summary)
@@ -148,7 +175,8 @@ def register_files(fixed_path, moving_path, output, *, moved_output=None, warp_l
             raise InputError(f"label map '{source}' is {labels.shape} but the moving image is {moving.shape}.")
         label_maps.append((labels, target))
     result = register(fixed, moving, preset=preset, overrides=overrides, config=config, init_disp=init_disp)
-    result.summary["ndv_percent"] = float(ndv(result.disp, fixed > 0))  # LUMIR25 mask: fixed image > 0
+    ndv_percent = float(ndv(result.disp, fixed > 0))  # LUMIR25 mask: fixed image > 0
+    result = replace(result, summary=replace(result.summary, ndv_percent=ndv_percent))
     written = {"disp": save_field(result.disp, output, fixed_vox2world)}
     if moved_output is not None:
         low, high = float(moving.min()), float(moving.max())

@@ -168,7 +168,7 @@ def test_fine_level_recovers_detail_the_feature_grid_misses_without_folds():
     # with the preset's 20 full-resolution steps: 0.469 against 0.488 voxels (25 steps cleared 0.96)
     assert _error(with_fine.disp) < 0.97 * _error(without.disp), (_error(without.disp), _error(with_fine.disp))
     assert metrics.ndv(with_fine.disp, FIXED > 0) == 0.0
-    assert with_fine.summary["folding_voxels"] == 0
+    assert with_fine.summary.folding_voxels == 0
 
 
 def test_intensity_terms_are_left_out_when_the_contrasts_disagree_and_the_summary_says_so():
@@ -176,9 +176,9 @@ def test_intensity_terms_are_left_out_when_the_contrasts_disagree_and_the_summar
     inverted = np.where(MOVING > 0, 255.0 - MOVING, 0.0).astype(np.float32)  # a T2-like contrast
     same = register(FIXED, MOVING, preset="lumir")
     other = register(FIXED, inverted, preset="lumir")
-    assert same.summary["intensity_terms_used"] and same.summary["contrast_ncc"] > 0.5
-    assert not other.summary["intensity_terms_used"] and other.summary["contrast_ncc"] < 0.3
+    assert same.summary.intensity_terms_used and same.summary.contrast_ncc > 0.5
+    assert not other.summary.intensity_terms_used and other.summary.contrast_ncc < 0.3
     # left out means MIND-SSC only, as if the preset had neither intensity term
     mind_only = register(FIXED, inverted, preset="lumir", overrides=["refine.intensity_weight=0", "fine.enabled=false"])
     np.testing.assert_allclose(other.disp, mind_only.disp, atol=1e-4)
-    assert mind_only.summary["contrast_ncc"] is None  # no intensity term, nothing to guard
+    assert mind_only.summary.contrast_ncc is None  # no intensity term, nothing to guard

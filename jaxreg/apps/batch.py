@@ -441,10 +441,10 @@ def _run_pair(job: _Job, config: RegistrationConfig, device, several_devices: bo
         log.debug("pair %s failed", pair.label, exc_info=True)
         return PairOutcome(pair, "failed", error=f"{type(err).__name__}: {_one_line(err)}",
                            wall_seconds=time.perf_counter() - start, device=str(device))
-    contrast = ({} if result.summary["contrast_ncc"] is None else
-                {"contrast_ncc": round(result.summary["contrast_ncc"], 4),
-                 "intensity_used": result.summary["intensity_terms_used"]})
-    return PairOutcome(pair, "ok", seconds=result.summary["seconds"], compile_seconds=result.summary["compile_seconds"],
+    contrast = ({} if result.summary.contrast_ncc is None else
+                {"contrast_ncc": round(result.summary.contrast_ncc, 4),
+                 "intensity_used": result.summary.intensity_terms_used})
+    return PairOutcome(pair, "ok", seconds=result.summary.seconds, compile_seconds=result.summary.compile_seconds,
                        wall_seconds=time.perf_counter() - start, device=str(device), guard=guard_info, contrast=contrast)
 
 

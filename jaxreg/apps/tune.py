@@ -246,14 +246,14 @@ def _score_all(result: TuneResult, pairs: Sequence[EvalPair], indices: Sequence[
         for index in mine:
             reg = register(fixed, moving, config=configs[index])
             values = score_field(reg.disp, fixed, fixed_labels, moving_labels, evaluation, result.metric)
-            values["seconds"] = reg.summary["seconds"]
+            values["seconds"] = reg.summary.seconds
             result.table[(item.pair.key, index)] = values
             done += 1
             eta = (time.perf_counter() - start) / done * (len(todo) - done)
             name = "base preset" if index == -1 else result.candidates[index].label
-            compiled = reg.summary["compile_seconds"]
+            compiled = reg.summary.compile_seconds
             say(f"[{done:>{len(str(len(todo)))}}/{len(todo)}] {item.pair.label}  {name}: {result.metric} "
-                f"{values[result.metric]:.4f}  NDV {values['ndv']:.5f}%  {reg.summary['seconds']:.1f} s"
+                f"{values[result.metric]:.4f}  NDV {values['ndv']:.5f}%  {reg.summary.seconds:.1f} s"
                 + (f" (+{compiled:.1f} s compilation)" if compiled else "") + f"  ETA {eta / 60:.1f} min")
 
 
