@@ -11,3 +11,10 @@ class InputError(JaxregError):
 
 class ConfigError(JaxregError):
     """An unknown preset, an unknown key or an invalid value in a configuration."""
+
+
+def one_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name when empty): how a failure of one
+    pair is reported beside the others, e.g. in a batch's run log."""
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

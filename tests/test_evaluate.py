@@ -1,5 +1,5 @@
-"""jaxreg.dataset, jaxreg.evaluation.evaluate and `jaxreg evaluate` on a tiny synthetic dataset, plus the real
-OASIS benchmark (zero fields must reproduce the figures of its README)."""
+"""jaxreg.dataset, jaxreg.evaluation (config, evaluate, report) and `jaxreg evaluate` on a tiny synthetic
+dataset, plus the real OASIS benchmark (zero fields must reproduce the figures of its README)."""
 
 import csv
 import json
@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from jaxreg import dataset, evaluate, io, metrics
+from jaxreg import dataset, io
+from jaxreg.evaluation import config as evalconfig
+from jaxreg.evaluation import evaluate, metrics, report as reports
 from jaxreg.errors import ConfigError, InputError
 
 SHAPE = (14, 16, 12)
@@ -79,17 +81,10 @@ def write_fields(folder, disp=None, keys=("0002_0001", "0003_0002", "0004_0003")
 
 
 def run_cli(args, capsys):
-    """Run `jaxreg evaluate ARGS`; returns (exit code, stdout, stderr).
+    """Run `jaxreg evaluate ARGS`; returns (exit code, stdout, stderr)."""
+    from jaxreg.cli.main import main
 
-    Typer turns an app with a single command into that command, so the word `evaluate` is only
-    passed while other commands are registered too.
-    """
-    from jaxreg.cli.main import app, main
-    import typer.main
-
-    command = typer.main.get_command(app)
-    prefix = ["evaluate"] if hasattr(command, "commands") else []
-    code = main(prefix + [str(a) for a in args])
+    code = main(["evaluate"] + [str(a) for a in args])
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -109,6 +104,15 @@ def test_load_pairs_reads_ids_field_names_and_absolute_paths_without_labels(tiny
     assert dataset.load_pairs(tiny) == pairs  # the folder works too
 
 
+def test_load_pairs_resolves_against_root_when_the_json_lies_elsewhere(tiny, tmp_path):
+    apart = tmp_path / "apart" / "LUMIR25_dataset.json"
+    apart.parent.mkdir()
+    apart.write_text((tiny / "dataset.json").read_text())
+    with pytest.raises(InputError, match="does not exist"):
+        dataset.load_pairs(apart)
+    assert dataset.load_pairs(apart, root=tiny) == dataset.load_pairs(tiny)
+
+
 def test_load_pairs_errors_are_one_line_and_say_what_to_do(tiny):
     (tiny / "imagesVal" / name(3)).unlink()
     with pytest.raises(InputError) as err:
@@ -123,7 +127,7 @@ def test_load_pairs_errors_are_one_line_and_say_what_to_do(tiny):
 
 
 def test_evaluation_config_per_pair_metrics_and_label_dirs(tiny):
-    config = dataset.load_evaluation_config(tiny / "evaluation_config.json")
+    config = evalconfig.load_evaluation_config(tiny / "evaluation_config.json")
     assert config.name == "tiny eval" and config.expected_shape == SHAPE
     assert config.dice_labels == tuple(LABELS) and config.hd95_labels == tuple(LABELS)
     first, _, last = config.pairs
@@ -137,7 +141,7 @@ def test_plain_lumir_config_applies_every_method_to_every_pair(tiny):
     plain = {"name": "plain", "evaluation_methods": [{"metric": "ndv"}, {"metric": "dice", "labels": [0, 1, 2]}],
              "eval_pairs": [{"fixed": f"./imagesVal/{name(2)}", "moving": f"./imagesVal/{name(1)}"}]}
     (tiny / "plain.json").write_text(json.dumps(plain))
-    config = dataset.load_evaluation_config(tiny / "plain.json")
+    config = evalconfig.load_evaluation_config(tiny / "plain.json")
     assert config.pairs[0].metrics == ("ndv", "dice") and config.dice_labels == (0, 1, 2)
     assert config.hd95_labels is None  # no hd95 method: not needed
     assert config.pairs[0].moving_labels == (tiny / "labelsVal" / name(1)).resolve()  # images -> labels
@@ -148,19 +152,45 @@ def test_evaluation_config_errors(tiny):
     config["eval_pairs"][0]["metrics"] = ["ndv", "jacobian"]
     (tiny / "bad.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match=r"unknown metric.*jacobian.*must be among"):
-        dataset.load_evaluation_config(tiny / "bad.json")
+        evalconfig.load_evaluation_config(tiny / "bad.json")
     (tiny / "labelsVal" / name(3)).unlink()
     with pytest.raises(InputError, match=r"pair 0003<-0002: fixed label map"):
-        dataset.load_evaluation_config(tiny / "evaluation_config.json")
+        evalconfig.load_evaluation_config(tiny / "evaluation_config.json")
 
 
 def test_resolve_prefers_explicit_then_folder_config_then_default(tiny):
-    assert dataset.resolve_evaluation_config(tiny).source.endswith("evaluation_config.json")
+    assert evalconfig.resolve_evaluation_config(tiny).source.endswith("evaluation_config.json")
     (tiny / "evaluation_config.json").rename(tiny / "other.json")
-    assert dataset.resolve_evaluation_config(tiny, tiny / "other.json").name == "tiny eval"
-    default = dataset.resolve_evaluation_config(tiny)
+    assert evalconfig.resolve_evaluation_config(tiny, tiny / "other.json").name == "tiny eval"
+    default = evalconfig.resolve_evaluation_config(tiny)
     assert default.source.startswith("default") and default.dice_labels is None
     assert [p.metrics for p in default.pairs] == [("ndv", "dice", "hd95")] * 2 + [("ndv", "dice", "hd95", "tre")]
+
+
+def test_one_default_rule_for_evaluate_and_for_a_batch_run_keypoint_csvs_included(tiny):
+    (tiny / "evaluation_config.json").unlink()
+    pairs = dataset.load_pairs(tiny)
+    for_evaluate = evalconfig.resolve_evaluation_config(tiny)
+    for_batch = evalconfig.evaluation_for(pairs, tiny)
+    assert for_evaluate.pairs == for_batch.pairs == tuple(evalconfig.default_eval_pair(p) for p in pairs)
+    last = for_batch.pairs[-1]
+    assert last.metrics == ("ndv", "dice", "hd95", "tre")
+    assert last.fixed_keypoints == tiny / "landmarksVal" / "TINY_0004_0000.csv"
+    assert last.moving_keypoints == tiny / "landmarksVal" / "TINY_0003_0000.csv"
+    (tiny / "landmarksVal" / "TINY_0003_0000.csv").unlink()  # a CSV on one side only: volumes alone
+    assert evalconfig.default_eval_pair(pairs[-1]).fixed_keypoints is None
+    assert evalconfig.default_eval_pair(pairs[-1]).metrics == ("ndv", "dice", "hd95", "tre")
+
+
+def test_a_batch_run_takes_listed_pairs_from_the_config_and_the_rest_from_the_default_rule(tiny):
+    config = json.loads((tiny / "evaluation_config.json").read_text())
+    config["eval_pairs"] = config["eval_pairs"][:1]  # lists 0002<-0001 only
+    (tiny / "evaluation_config.json").write_text(json.dumps(config))
+    run = evalconfig.evaluation_for(dataset.load_pairs(tiny), tiny)
+    assert run.name == "tiny eval" and run.dice_labels == tuple(LABELS)
+    assert [p.metrics for p in run.pairs] == [("ndv", "dice", "hd95"), ("ndv", "dice", "hd95"),
+                                              ("ndv", "dice", "hd95", "tre")]
+    assert "default rule for the 2 pairs it does not list" in run.source
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,7 +198,7 @@ def test_resolve_prefers_explicit_then_folder_config_then_default(tiny):
 # --------------------------------------------------------------------------------------------
 
 def test_zero_fields_score_what_the_metrics_give(tiny, tmp_path):
-    config = dataset.load_evaluation_config(tiny / "evaluation_config.json")
+    config = evalconfig.load_evaluation_config(tiny / "evaluation_config.json")
     report = evaluate.evaluate_fields(write_fields(tmp_path / "fields"), config, workers=2)
     assert report.ok and [p.status for p in report.pairs] == ["ok"] * 3
     fixed, moving = (io.load_labels(tiny / "labelsVal" / name(s)) for s in (2, 1))
@@ -190,24 +220,48 @@ def test_zero_fields_score_what_the_metrics_give(tiny, tmp_path):
 def test_missing_half_resolution_and_nan_fields_are_reported_and_counted(tiny, tmp_path):
     fields = write_fields(tmp_path / "fields", keys=("0002_0001",))
     io.save_field(np.zeros((3, 7, 8, 6), np.float32), fields / "disp_0003_0002.nii.gz")  # half resolution
-    config = dataset.load_evaluation_config(tiny / "evaluation_config.json")
-    report = evaluate.evaluate_fields(fields, config)
+    config = evalconfig.load_evaluation_config(tiny / "evaluation_config.json")
+    report = evaluate.evaluate_fields(fields, config, allow_missing=True)
     assert [p.status for p in report.pairs] == ["ok", "invalid", "missing"]
-    assert not report.ok and len(report.failed) == 2
+    assert not report.ok and len(report.failed) == 2 and [p.key for p in report.missing] == ["0004_0003"]
     assert "grid" in report.pairs[1].error and "disp_0004_0003.nii.gz" in report.pairs[2].error
     assert report.summary["ndv"]["n"] == 1  # scored pairs only
     bad = np.zeros((3, *SHAPE), np.float32)
     bad[0, 3, 3, 3] = np.nan
     io.save_field(bad, fields / "disp_0003_0002.nii.gz")
-    report = evaluate.evaluate_fields(fields, config)
+    report = evaluate.evaluate_fields(fields, config, allow_missing=True)
     assert report.pairs[1].status == "invalid" and "non-finite" in report.pairs[1].error
+
+
+def test_missing_fields_are_refused_before_anything_is_scored(tiny, tmp_path):
+    fields = write_fields(tmp_path / "fields", keys=("0002_0001",))
+    config = evalconfig.load_evaluation_config(tiny / "evaluation_config.json")
+    rows = []
+    with pytest.raises(InputError, match=r"2 of 3 fields are missing .*disp_0003_0002.nii.gz, disp_0004_0003.nii.gz"):
+        evaluate.evaluate_fields(fields, config, progress=rows.append)
+    assert rows == []
+
+
+def test_progress_gets_every_row_in_order_and_the_table_prints_them_as_the_report_does(tiny, tmp_path):
+    config = evalconfig.load_evaluation_config(tiny / "evaluation_config.json")
+    rows = []
+    report = evaluate.evaluate_fields(write_fields(tmp_path / "fields"), config, workers=3, progress=rows.append)
+    assert rows == list(report.pairs)
+    table = reports.ReportTable.for_config(config)
+    assert table.columns == report.columns == ("dice", "hd95", "tre_lm", "tre_kp", "ndv", "sdlogj")
+    lines = reports.report_lines(report)
+    assert lines[:4] == [table.header()] + [table.row(r) for r in rows] and lines[4] == ""
+    assert lines[5:] == reports.summary_lines(report) and lines[5].startswith("summary over scored pairs")
+    cells = lines[1].split()
+    assert cells[0] == "0002<-0001" and cells[1] == format(report.pairs[0].values["dice"], ".4f")
+    assert cells[3:5] == ["-", "-"]  # no TRE on this pair
 
 
 def test_folding_field_ndv_with_fixed_or_moving_mask(tiny, tmp_path):
     disp = np.zeros((3, *SHAPE), np.float32)
     disp[0, 6] = -2.0  # the hand-computed fold of test_metrics
     fields = write_fields(tmp_path / "fields", disp)
-    config = dataset.load_evaluation_config(tiny / "evaluation_config.json")
+    config = evalconfig.load_evaluation_config(tiny / "evaluation_config.json")
     for mask_kind, subject in (("fixed", 2), ("moving", 1)):
         report = evaluate.evaluate_fields(fields, config, ndv_mask=mask_kind)
         image, _ = io.load_volume(tiny / "imagesVal" / name(subject))
@@ -220,7 +274,7 @@ def test_folding_field_ndv_with_fixed_or_moving_mask(tiny, tmp_path):
 
 def test_vanished_labels_and_landmarks_are_named_in_the_report(tiny, tmp_path):
     disp = np.full((3, *SHAPE), 40.0, np.float32)  # every sample outside the volume: all background
-    config = dataset.load_evaluation_config(tiny / "evaluation_config.json")
+    config = evalconfig.load_evaluation_config(tiny / "evaluation_config.json")
     report = evaluate.evaluate_fields(write_fields(tmp_path / "fields", disp), config)
     assert report.ok
     assert report.pairs[0].details["hd95_vanished"] == [1, 2, 3, 4] and math.isinf(report.pairs[0].values["hd95"])
@@ -230,13 +284,15 @@ def test_vanished_labels_and_landmarks_are_named_in_the_report(tiny, tmp_path):
 
 def test_json_and_csv_reports_are_written_atomically(tiny, tmp_path):
     fields = write_fields(tmp_path / "fields", keys=("0002_0001", "0003_0002"))
-    report = evaluate.evaluate_fields(fields, dataset.load_evaluation_config(tiny / "evaluation_config.json"))
+    report = evaluate.evaluate_fields(fields, evalconfig.load_evaluation_config(tiny / "evaluation_config.json"),
+                                      allow_missing=True)
     out = tmp_path / "out"
-    evaluate.write_json(report, out / "report.json")
-    evaluate.write_csv(report, out / "report.csv")
+    reports.write_json(report, out / "report.json")
+    reports.write_csv(report, out / "report.csv")
     assert sorted(p.name for p in out.iterdir()) == ["report.csv", "report.json"]  # no temporary files left
     data = json.loads((out / "report.json").read_text())
     assert data["pairs_total"] == 3 and data["pairs_scored"] == 2 and "0004_0003" in data["pairs_failed"]
+    assert data["pairs_missing"] == 1
     assert data["pairs"]["0002_0001"]["dice"] == report.pairs[0].values["dice"]
     assert data["summary"]["dice"]["n"] == 2
     rows = list(csv.DictReader((out / "report.csv").open()))
@@ -257,12 +313,15 @@ def test_cli_scores_all_pairs_and_exits_zero(tiny, tmp_path, capsys):
     assert json.loads((tmp_path / "r.json").read_text())["pairs_scored"] == 3 and (tmp_path / "r.csv").is_file()
 
 
-def test_cli_exits_non_zero_naming_the_missing_field(tiny, tmp_path, capsys):
+def test_cli_refuses_missing_fields_before_scoring_or_scores_the_rest_when_allowed(tiny, tmp_path, capsys):
     fields = write_fields(tmp_path / "fields", keys=("0002_0001", "0004_0003"))
     code, out, err = run_cli([tiny, fields], capsys)
-    assert code != 0
-    assert "MISSING" in out and "disp_0003_0002.nii.gz" in err and "error: 1 of 3 pairs not scored" in err
-    assert err.count("\n") == 1
+    assert code == 2 and err.strip().startswith("error: 1 of 3 fields are missing") and err.strip().count("\n") == 0
+    assert "disp_0003_0002.nii.gz" in err and "--allow-missing" in err and "0002<-0001" not in out  # nothing scored
+    code, out, err = run_cli([tiny, fields, "--allow-missing", "-o", tmp_path / "r.json"], capsys)
+    assert code == 0, err
+    assert "MISSING" in out and "1 of 3 fields missing, not scored: disp_0003_0002.nii.gz" in out
+    assert json.loads((tmp_path / "r.json").read_text())["pairs_missing"] == 1
 
 
 def test_cli_uses_and_announces_the_default_config(tiny, tmp_path, capsys):
@@ -278,7 +337,8 @@ def test_cli_bad_dataset_is_one_line_exit_2(tmp_path, capsys):
 
 
 def test_scoring_never_imports_jax():
-    code = "import sys, jaxreg.evaluation.evaluate, jaxreg.dataset, jaxreg.evaluation.metrics; sys.exit('jax' in sys.modules)"
+    code = ("import sys, jaxreg.evaluation.evaluate, jaxreg.evaluation.report, jaxreg.evaluation.config, "
+            "jaxreg.dataset, jaxreg.evaluation.metrics; sys.exit('jax' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

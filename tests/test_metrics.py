@@ -1,47 +1,23 @@
 """jaxreg.evaluation.metrics against hand-counted answers and against independent references.
 
 References: scipy.ndimage.map_coordinates (label warping), per-label boolean loops written from
-LUMIR's definitions (Dice), the PyPI ``surface-distance`` package (HD95; skipped when absent),
-kernels applied with scipy.ndimage.correlate exactly as docs/LUMIR.md describes them (NDV, SDlogJ).
+LUMIR's definitions (Dice), LUMIR's compute_hd95 loop over the PyPI ``surface-distance`` package
+(HD95; skipped when absent; the surface machinery itself is tests/test_surface.py), kernels applied
+with scipy.ndimage.correlate exactly as docs/LUMIR.md describes them (NDV, SDlogJ).
 """
 
 import logging
 import math
-import warnings
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from jaxreg.evaluation import metrics
 from jaxreg.errors import InputError
+from jaxreg.evaluation import metrics
+from jaxreg.evaluation.surface import robust_hausdorff
 
-
-def _deepmind_package():
-    """DeepMind's ``surface-distance`` (the code LUMIR vendors) if installed and working, and why not."""
-    try:
-        import surface_distance
-        from surface_distance import lookup_tables
-    except ImportError:
-        return None, None, "the PyPI package 'surface-distance' (DeepMind) is not installed: pip install surface-distance"
-    try:
-        probe = np.zeros((3, 3, 3), bool)
-        probe[1, 1, 1] = True
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            surface_distance.compute_surface_distances(probe, probe, (1.0, 1.0, 1.0))
-    except Exception as err:  # e.g. a future SciPy without the ndimage.filters namespace it uses
-        return None, None, f"'surface-distance' is installed but fails with this NumPy/SciPy ({type(err).__name__}: {err})"
-    return surface_distance, lookup_tables, ""
-
-
-surface_distance, sd_tables, _WHY_NO_DEEPMIND = _deepmind_package()
-
-
-def needs_surface_distance(test):
-    """Skip without DeepMind's package; silence its own use of scipy's deprecated namespaces."""
-    test = pytest.mark.filterwarnings("ignore:Please import:DeprecationWarning")(test)
-    return pytest.mark.skipif(surface_distance is None, reason=_WHY_NO_DEEPMIND)(test)
+from deepmind_surface import needs_surface_distance, surface_distance
 
 
 def identity(shape):
@@ -181,9 +157,9 @@ def test_hd95_one_voxel_shift_hand_counted():
     fixed = cube_map((12, 12, 12), (3, 3, 3), 4)
     warped = cube_map((12, 12, 12), (4, 3, 3), 4)
     np.testing.assert_array_equal(metrics.hd95(fixed, warped, fixed, [0, 1]), [0.0, 1.0])
-    assert metrics.robust_hausdorff(fixed == 1, warped == 1, percent=100) == 1.0
-    assert metrics.robust_hausdorff(fixed == 0, warped == 0, percent=100) == 1.0
-    assert metrics.robust_hausdorff(fixed == 0, warped == 0, percent=97) == 1.0  # 27.35 / ~995 = 2.7 %
+    assert robust_hausdorff(fixed == 1, warped == 1, percent=100) == 1.0
+    assert robust_hausdorff(fixed == 0, warped == 0, percent=100) == 1.0
+    assert robust_hausdorff(fixed == 0, warped == 0, percent=97) == 1.0  # 27.35 / ~995 = 2.7 %
 
 
 def test_hd95_percentile_ignores_a_small_far_outlier_but_the_maximum_does_not():
@@ -191,7 +167,7 @@ def test_hd95_percentile_ignores_a_small_far_outlier_but_the_maximum_does_not():
     warped = fixed.copy()
     warped[26, 26, 26] = 1  # one stray voxel 11 voxels beyond the cube's corner
     assert metrics.hd95(fixed, warped, fixed, [1])[0] == 0.0
-    assert metrics.robust_hausdorff(fixed == 1, warped == 1, percent=100) == pytest.approx(math.sqrt(3 * 7**2))
+    assert robust_hausdorff(fixed == 1, warped == 1, percent=100) == pytest.approx(math.sqrt(3 * 7**2))
 
 
 def test_hd95_vanished_label_is_inf_reported_and_logged(caplog):
@@ -204,79 +180,6 @@ def test_hd95_vanished_label_is_inf_reported_and_logged(caplog):
     assert np.isposinf(metrics.nan_mean(values))
     assert metrics.vanished_labels(fixed, warped, moving, [0, 1, 2, 5]) == [2]
     assert "[2]" in caplog.text and "vanished" in caplog.text
-
-
-def test_surfel_area_table_closed_forms():
-    table = metrics.surfel_area_table()
-    assert table[0] == 0.0 and table[255] == 0.0
-    assert table[1] == pytest.approx(math.sqrt(3) / 8)            # one corner: a triangle
-    assert table[0b00000011] == pytest.approx(math.sqrt(2) / 2)   # two adjacent corners: a quad
-    assert table[0b00001111] == pytest.approx(1.0)                # a flat face
-    np.testing.assert_array_equal(table, table[::-1])             # complement symmetric
-    with pytest.raises(ValueError):
-        table[0] = 1.0  # shared, read-only
-
-
-@needs_surface_distance
-def test_surfel_area_table_equals_deepmind_table_bit_for_bit():
-    np.testing.assert_array_equal(metrics.surfel_area_table(),
-                                  sd_tables.create_table_neighbour_code_to_surface_area((1, 1, 1)))
-    for spacing in [(1.0, 2.0, 3.0), (0.7, 1.0, 1.3)]:
-        np.testing.assert_allclose(metrics.surfel_area_table(spacing),
-                                   sd_tables.create_table_neighbour_code_to_surface_area(spacing), rtol=1e-15)
-
-
-@needs_surface_distance
-@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (1.2, 0.8, 1.5)])
-def test_robust_hausdorff_equals_deepmind_on_random_blobs(spacing):
-    rng = np.random.default_rng(5)
-    compared = 0
-    for _ in range(25):
-        a = ndimage.gaussian_filter(rng.random((18, 22, 16)), 2) > 0.5
-        b = ndimage.gaussian_filter(rng.random((18, 22, 16)), 2) > 0.5
-        if not a.any() or not b.any():  # the PyPI package uses np.Inf there, gone in NumPy 2
-            continue
-        for percent in (95.0, 100.0):
-            expected = surface_distance.compute_robust_hausdorff(
-                surface_distance.compute_surface_distances(a, b, spacing), percent)
-            assert metrics.robust_hausdorff(a, b, percent, spacing) == expected
-        compared += 1
-    assert compared >= 20
-
-
-def outer_layer_masks(rng, shape=(14, 16, 12)):
-    """Two random masks that both fill the volume's outer voxel layer, like background 0 of a scan."""
-    masks = []
-    for _ in range(2):
-        mask = ndimage.gaussian_filter(rng.random(shape), 1.5) < 0.52
-        mask[[0, -1]] = True
-        mask[:, [0, -1]] = True
-        mask[:, :, [0, -1]] = True
-        masks.append(mask)
-    return masks
-
-
-@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (1.3, 0.7, 1.1)])
-def test_outer_layer_shortcut_equals_the_general_path(spacing):
-    rng = np.random.default_rng(12)
-    for trial in range(20):
-        a, b = outer_layer_masks(rng)
-        if trial == 0:
-            a[1:-1, 1:-1, 1:-1] = True  # no inner surface at all in a
-        for percent in (50.0, 95.0, 100.0):
-            general = metrics._robust_hausdorff_cropped(np.pad(a, 1), np.pad(b, 1), percent, spacing)
-            assert metrics.robust_hausdorff(a, b, percent, spacing) == general
-
-
-@needs_surface_distance
-def test_outer_layer_shortcut_equals_deepmind():
-    rng = np.random.default_rng(13)
-    for _ in range(10):
-        a, b = outer_layer_masks(rng)
-        for spacing in [(1.0, 1.0, 1.0), (1.3, 0.7, 1.1)]:
-            expected = surface_distance.compute_robust_hausdorff(
-                surface_distance.compute_surface_distances(a, b, spacing), 95.0)
-            assert metrics.robust_hausdorff(a, b, 95.0, spacing) == expected
 
 
 @needs_surface_distance

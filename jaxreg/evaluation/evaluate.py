@@ -1,15 +1,16 @@
 """Score a folder of displacement fields against a dataset with the official LUMIR metrics.
 
-For every pair of an :class:`~jaxreg.dataset.EvaluationConfig` the field
+For every pair of an :class:`~jaxreg.evaluation.config.EvaluationConfig` the field
 ``disp_{FIXED}_{MOVING}.nii.gz`` is read from the fields folder and scored with the metrics that
 apply to the pair (:mod:`jaxreg.evaluation.metrics`): Dice and HD95 over the label list, TRE on landmark
 volumes (LUMIR's centroid version, ``tre_lm``) and, when landmark CSVs exist, on keypoints
 (``tre_kp``), NDV with the fixed (default) or moving image mask, and SDlogJ on every pair.
 
-A missing field, one on the wrong grid (e.g. half resolution) or one with NaN/inf is reported by
-name and counted, never skipped silently: :attr:`EvaluationReport.ok` is False then. The summary
-gives, per metric and over the scored pairs, the mean, the standard deviation and the 30 %
-quantile, as the LUMIR leaderboard aggregates (a NaN or inf pair value propagates, as there).
+Missing fields are an error before anything is scored, unless ``allow_missing`` is set: then
+they are reported by name and counted. A field on the wrong grid (e.g. half resolution) or with
+NaN/inf is reported by name and counted, never skipped silently: ``report.ok`` is False then. The
+report (:mod:`jaxreg.evaluation.report`) gives, per metric and over the scored pairs, the mean,
+the standard deviation and the 30 % quantile, as the LUMIR leaderboard aggregates.
 
 Pairs are scored by a small thread pool (the heavy NumPy/SciPy work releases the GIL); each
 reference volume is read once and dropped when its last pair is done.
@@ -17,110 +18,29 @@ reference volume is read once and dropped when its last pair is done.
 
 from __future__ import annotations
 
-import csv
-import io as _stringio
-import json
 import logging
-import math
 import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from . import metrics
-from ..dataset import EvalPair, EvaluationConfig, load_keypoints_csv
 from ..errors import ConfigError, InputError
-from ..io import atomic_output, load_field, load_labels, load_volume
+from ..io import load_field, load_labels, load_volume
+from .config import EvalPair, EvaluationConfig, load_keypoints_csv
+from .report import EvaluationReport, PairResult, build_report
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "METRIC_COLUMNS",
-    "EvaluationReport",
-    "PairResult",
-    "evaluate_fields",
-    "summarize",
-    "write_csv",
-    "write_json",
-]
+__all__ = ["NDV_MASKS", "evaluate_fields", "label_metrics"]
 
-#: Pair-level values a report can hold, in display order.
-METRIC_COLUMNS = ("dice", "hd95", "tre_lm", "tre_kp", "ndv", "sdlogj")
 NDV_MASKS = ("fixed", "moving")
-
-
-@dataclass(frozen=True)
-class PairResult:
-    """The outcome of one pair.
-
-    Attributes:
-        key: ``FIXED_MOVING``; label: ``FIXED<-MOVING``; field: the field's file name.
-        status: ``ok``, ``missing`` (no field file) or ``invalid`` (unreadable, wrong grid, NaN/inf).
-        error: why the pair was not scored (one line), else None.
-        values: pair-level metric values (keys from :data:`METRIC_COLUMNS` that apply to the pair).
-        details: per-label Dice/HD95 lists, per-landmark distances, and ``hd95_vanished`` /
-            ``tre_vanished``: labels or landmarks that vanished under the warp.
-        seconds: wall time spent on the pair.
-    """
-
-    key: str
-    label: str
-    field: str
-    status: str
-    error: str | None = None
-    values: dict = field(default_factory=dict)
-    details: dict = field(default_factory=dict)
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-
-@dataclass(frozen=True)
-class EvaluationReport:
-    """All pair results of one run plus the summary (see :func:`summarize`)."""
-
-    name: str
-    config_source: str
-    fields_dir: str
-    ndv_mask: str
-    keypoint_order: int
-    pairs: tuple[PairResult, ...]
-    summary: dict
-    seconds: float
-
-    @property
-    def failed(self) -> tuple[PairResult, ...]:
-        return tuple(p for p in self.pairs if not p.ok)
-
-    @property
-    def ok(self) -> bool:
-        """True only if every pair was scored."""
-        return not self.failed
-
-    def to_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "config": self.config_source,
-            "fields_dir": self.fields_dir,
-            "ndv_mask": self.ndv_mask,
-            "keypoint_order": self.keypoint_order,
-            "pairs_total": len(self.pairs),
-            "pairs_scored": len(self.pairs) - len(self.failed),
-            "pairs_failed": {p.key: f"{p.status}: {p.error}" for p in self.failed},
-            "summary": self.summary,
-            "pairs": {p.key: {"fixed_moving": p.label, "field": p.field, "status": p.status, "error": p.error,
-                              "seconds": round(p.seconds, 3), **p.values, "details": p.details}
-                      for p in self.pairs},
-            "seconds": round(self.seconds, 3),
-        }
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,9 +133,10 @@ def _as_list(values: np.ndarray) -> list:
 
 
 def label_metrics(fixed_labels: np.ndarray, moving_labels: np.ndarray, disp: np.ndarray, config: EvaluationConfig,
-                  wanted) -> tuple[dict, dict]:
+                  wanted, pair: str | None = None) -> tuple[dict, dict]:
     """Dice and/or HD95 (those in `wanted`) of the moving label map warped through `disp` (nearest
-    neighbour, as LUMIR), over the config's label lists. Returns (values, per-label details)."""
+    neighbour, as LUMIR), over the config's label lists; `pair` is named in the warning about labels
+    that vanished. Returns (values, per-label details)."""
     values: dict = {}
     details: dict = {}
     warped = metrics.warp_labels(moving_labels, disp)
@@ -224,7 +145,7 @@ def label_metrics(fixed_labels: np.ndarray, moving_labels: np.ndarray, disp: np.
         if name not in wanted:
             continue
         labels = _labels_for(label_list, fixed_labels, moving_labels)
-        per_label = score(fixed_labels, warped, moving_labels, labels)
+        per_label = score(fixed_labels, warped, moving_labels, labels, **({"pair": pair} if name == "hd95" else {}))
         values[name] = metrics.nan_mean(per_label)
         details[f"{name}_labels"] = [int(v) for v in labels]
         details[f"{name}_per_label"] = _as_list(per_label)
@@ -251,13 +172,14 @@ def _score_pair(item: EvalPair, config: EvaluationConfig, fields_dir: Path, cach
     if "dice" in item.metrics or "hd95" in item.metrics:
         fixed_labels = cache.get("labels", item.fixed_labels, _load_label_map)
         moving_labels = cache.get("labels", item.moving_labels, _load_label_map)
-        label_values, label_details = label_metrics(fixed_labels, moving_labels, disp, config, item.metrics)
+        label_values, label_details = label_metrics(fixed_labels, moving_labels, disp, config, item.metrics,
+                                                    pair=pair.label)
         values.update(label_values)
         details.update(label_details)
     if "tre" in item.metrics:
         fixed_lm = cache.get("landmarks", item.fixed_landmarks, _load_landmarks)
         moving_lm = cache.get("landmarks", item.moving_landmarks, _load_landmarks)
-        tre = metrics.tre_landmark_volumes(fixed_lm, moving_lm, disp)
+        tre = metrics.tre_landmark_volumes(fixed_lm, moving_lm, disp, pair=pair.label)
         values["tre_lm"] = tre.mean
         details["tre_lm_landmarks"] = [int(v) for v in tre.landmarks]
         details["tre_lm_per_landmark"] = _as_list(tre.distances)
@@ -284,47 +206,35 @@ def _score_pair(item: EvalPair, config: EvaluationConfig, fields_dir: Path, cach
     return PairResult(status="ok", values=values, details=details, seconds=seconds, **result)
 
 
-def summarize(pairs) -> dict:
-    """Per metric over the scored pairs that have it: mean, std (population), 30 % quantile, max, n.
-
-    The leaderboard aggregates this way (``np.mean``, ``np.std``, ``np.quantile(.3)``), so one
-    NaN pair (a vanished landmark) makes the TRE mean NaN and one inf pair (a vanished label)
-    makes the HD95 mean inf: look at the per-pair values to see which.
-    """
-    summary = {}
-    for name in METRIC_COLUMNS:
-        column = np.array([p.values[name] for p in pairs if p.ok and name in p.values], dtype=np.float64)
-        if column.size == 0:
-            continue
-        with np.errstate(invalid="ignore"):
-            summary[name] = {
-                "mean": float(np.mean(column)),
-                "std": float(np.std(column)),
-                "q30": float(np.quantile(column, 0.3)),
-                "max": float(np.max(column)),
-                "n": int(column.size),
-            }
-    return summary
+def _missing_fields(fields_dir: Path, config: EvaluationConfig) -> list[str]:
+    return [item.pair.field_name for item in config.pairs if not (fields_dir / item.pair.field_name).is_file()]
 
 
 def evaluate_fields(fields_dir: str | os.PathLike, config: EvaluationConfig, *, ndv_mask: str = "fixed",
-                    keypoint_order: int = 1, workers: int | None = None) -> EvaluationReport:
+                    keypoint_order: int = 1, workers: int | None = None,
+                    progress: Callable[[PairResult], None] | None = None,
+                    allow_missing: bool = False) -> EvaluationReport:
     """Score the fields in `fields_dir` on every pair of `config`.
 
     Arguments:
         fields_dir: folder holding ``disp_{FIXED}_{MOVING}.nii.gz`` files.
-        config: pairs and metrics (:func:`jaxreg.dataset.resolve_evaluation_config`).
+        config: pairs and metrics (:func:`jaxreg.evaluation.config.resolve_evaluation_config`).
         ndv_mask: ``fixed`` (LUMIR25, default) or ``moving`` (LUMIR24's evaluator): which image > 0
             masks NDV.
         keypoint_order: interpolation of the field at the keypoints for ``tre_kp``: 1 (linear,
             as ``PEERS.md`` scores) or 3 (Learn2Reg's cubic default).
         workers: threads; default min(pairs, CPU cores, 4).
+        progress: called with each pair's :class:`PairResult`, in config order, as soon as it and
+            the pairs before it are done (a table can be printed row by row).
+        allow_missing: score the fields that exist and report the missing ones (status
+            ``missing``, counted in ``report.missing``) instead of refusing to start.
 
     Returns:
         The report; ``report.ok`` is False if any pair could not be scored (``report.failed``).
 
     Raises:
-        InputError / ConfigError: a problem with the dataset or the options (not with a field).
+        InputError / ConfigError: a problem with the dataset or the options (not with one field),
+        or missing fields without `allow_missing`; all before anything is scored.
     """
     fields_dir = Path(fields_dir)
     if not fields_dir.is_dir():
@@ -333,6 +243,11 @@ def evaluate_fields(fields_dir: str | os.PathLike, config: EvaluationConfig, *, 
         raise ConfigError(f"ndv_mask must be one of {list(NDV_MASKS)}, got {ndv_mask!r}.")
     if keypoint_order not in (1, 3):
         raise ConfigError(f"keypoint_order must be 1 (linear) or 3 (cubic), got {keypoint_order!r}.")
+    missing = _missing_fields(fields_dir, config)
+    if missing and not allow_missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise InputError(f"{len(missing)} of {len(config.pairs)} fields are missing in '{fields_dir}' ({shown}): "
+                         "write them, or score the others alone with allow_missing (jaxreg evaluate --allow-missing).")
     if workers is None:
         workers = min(len(config.pairs), os.cpu_count() or 1, 4)
     workers = max(1, int(workers))
@@ -348,57 +263,13 @@ def evaluate_fields(fields_dir: str | os.PathLike, config: EvaluationConfig, *, 
             for kind, path in _needs(item, ndv_mask):
                 cache.release(kind, path)
 
+    results = []
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jaxreg-evaluate") as pool:
-        results = tuple(pool.map(run, config.pairs))
+        for result in pool.map(run, config.pairs):  # in config order, each as soon as it is done
+            results.append(result)
+            if progress is not None:
+                progress(result)
     for failed in (r for r in results if not r.ok):
         logger.warning("pair %s not scored (%s): %s", failed.label, failed.status, failed.error)
-    return EvaluationReport(
-        name=config.name,
-        config_source=config.source,
-        fields_dir=str(fields_dir.resolve()),
-        ndv_mask=ndv_mask,
-        keypoint_order=keypoint_order,
-        pairs=results,
-        summary=summarize(results),
-        seconds=time.perf_counter() - start,
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# writers
-# --------------------------------------------------------------------------------------------
-
-def _atomic_write_text(text: str, path: str | os.PathLike) -> Path:
-    """Write `text` through a temporary file in the target folder, then rename (never a truncated report)."""
-    with atomic_output(path) as tmp:
-        with open(tmp, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-    return Path(path)
-
-
-def write_json(report: EvaluationReport, path: str | os.PathLike) -> Path:
-    """The whole report as JSON (atomic). NaN and inf are written as ``NaN`` / ``Infinity``, as the
-    LUMIR evaluator does; Python's ``json`` reads them back."""
-    return _atomic_write_text(json.dumps(report.to_dict(), indent=2, allow_nan=True) + "\n", path)
-
-
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else repr(value)
-    return "" if value is None else str(value)
-
-
-def write_csv(report: EvaluationReport, path: str | os.PathLike) -> Path:
-    """One row per pair (atomic): ids, status, the metric columns, vanished labels/landmarks, error."""
-    buffer = _stringio.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["pair", "fixed", "moving", "field", "status", *METRIC_COLUMNS,
-                     "hd95_vanished", "tre_vanished", "seconds", "error"])
-    for p in report.pairs:
-        fixed, moving = p.key.split("_")
-        writer.writerow([p.label, fixed, moving, p.field, p.status,
-                         *(_cell(p.values.get(name)) for name in METRIC_COLUMNS),
-                         " ".join(str(v) for v in p.details.get("hd95_vanished", [])),
-                         " ".join(str(v) for v in p.details.get("tre_vanished", [])),
-                         f"{p.seconds:.2f}", p.error or ""])
-    return _atomic_write_text(buffer.getvalue(), path)
+    return build_report(config, fields_dir, results, seconds=time.perf_counter() - start,
+                        ndv_mask=ndv_mask, keypoint_order=keypoint_order)
