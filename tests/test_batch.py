@@ -1,5 +1,6 @@
 """`jaxreg batch`: every field written, resume after a kill, bad pairs counted, submission zip,
-CSV pair lists, shards, refinement of given fields, several devices."""
+CSV pair lists, shards, refinement of given fields, several devices, the same evaluation as
+`jaxreg evaluate`."""
 
 import gzip
 import json
@@ -9,47 +10,27 @@ import subprocess
 import sys
 import time
 import zipfile
+from dataclasses import replace
 
-import jax
 import nibabel as nib
 import numpy as np
 import pytest
 
-import jaxreg.cli.batch  # noqa: F401  registers `jaxreg batch` on the app
 from jaxreg.apps import batch
-from jaxreg.cli.main import main
+from jaxreg.apps.pairs import pair_id, pairs_from_csv, parse_shard, select_shard
+from jaxreg.apps.runner import guard_decision
+from jaxreg.apps.submission import write_submission
+from jaxreg.config import load_config
 from jaxreg.dataset import load_pairs
 from jaxreg.errors import ConfigError, InputError
+from jaxreg.evaluation.config import evaluation_for
 from jaxreg.evaluation.evaluate import evaluate_fields
 from jaxreg.registration import register
 
 from synthetic import SHAPE, brain, inverse_of, pull, smooth_field
+from synthetic_datasets import ENTRY, FAST, labels_of, make_dataset, run_cli, run_log, save as _save
 
-FAST = ["--preset", "convexadam-lumir", "--set", "refine.iterations=30"]  # same program as test_cli/test_pipeline
-ENTRY = "import jaxreg.cli.batch, sys; from jaxreg.cli.main import main; sys.exit(main(sys.argv[1:]))"
-
-
-def _save(data, path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
-    return path
-
-
-def _labels(image):
-    return (image > 100).astype(np.uint8) + (image > 180)
-
-
-def make_dataset(root, subjects=5):
-    """SYNTH_0001..N, each a smooth deformation of one brain, with label maps; pairs (i+1 <- i)."""
-    base = brain()
-    for i in range(1, subjects + 1):
-        image = pull(base, smooth_field(amplitude=2.0, seed=10 + i))
-        _save(image, root / "imagesVal" / f"SYNTH_{i:04d}_0000.nii.gz")
-        _save(_labels(image), root / "labelsVal" / f"SYNTH_{i:04d}_0000.nii.gz")
-    validation = [{"fixed": f"./imagesVal/SYNTH_{i + 1:04d}_0000.nii.gz", "moving": f"./imagesVal/SYNTH_{i:04d}_0000.nii.gz"}
-                  for i in range(1, subjects)]
-    (root / "dataset.json").write_text(json.dumps({"name": "synthetic", "validation": validation}))
-    return root / "dataset.json"
+_log = run_log
 
 
 @pytest.fixture()
@@ -58,13 +39,7 @@ def dataset(tmp_path):
 
 
 def _run(args, capsys):
-    code = main(["batch", *[str(a) for a in args]])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _log(out_dir):
-    return [json.loads(line) for line in (out_dir / batch.RUN_LOG).read_text().splitlines()]
+    return run_cli(["batch", *args], capsys)
 
 
 def _fields(out_dir):
@@ -87,7 +62,7 @@ def test_every_field_written_scored_and_logged(dataset, tmp_path, capsys):
     assert all(line["compile_seconds"] == 0 for line in lines[1:])  # one program for every pair
     assert all(0.5 < line["metrics"]["dice"] <= 1 for line in lines)
     progress = [line for line in stderr.splitlines() if line.startswith("[")]
-    assert len(progress) == 4 and all("ETA" in line and " ok " in line for line in progress)
+    assert len(progress) == 4 and all(" ok " in line for line in progress) and "ETA" in progress[0]
     assert "Dice" in stdout and "summary over scored pairs" in stdout
     assert stdout.strip().splitlines()[-1].startswith("batch: 4 ok, 0 skipped, 0 failed of 4 pairs")
     settings = json.loads((out / batch.RUN_CONFIG).read_text())
@@ -98,7 +73,7 @@ def test_every_field_written_scored_and_logged(dataset, tmp_path, capsys):
 
 def test_the_run_log_and_progress_say_when_the_intensity_terms_were_left_out(dataset, tmp_path, capsys):
     # an impossible threshold: every pair counts as "contrasts differ"
-    guarded = [*FAST, "--set", "refine.intensity_weight=1", "--set", "refine.intensity_min_ncc=1"]
+    guarded = [*FAST, "--set", "refine.intensity_weight=1", "--set", "contrast.min_ncc=1"]
     code, _, stderr = _run([dataset, "-o", tmp_path / "out", *guarded], capsys)
     assert code == 0, stderr
     lines = _log(tmp_path / "out")
@@ -182,7 +157,7 @@ def test_submission_zip_holds_one_folder_with_every_field(dataset, tmp_path, cap
     pairs = load_pairs(dataset)
     (out / ALL[0]).unlink()
     with pytest.raises(InputError, match="1 of 4 fields are missing"):
-        batch.write_submission(out, pairs, tmp_path / "again.zip")
+        write_submission(out, pairs, tmp_path / "again.zip")
     assert not (tmp_path / "again.zip").exists()
 
 
@@ -197,25 +172,25 @@ def test_pairs_csv_relative_absolute_paths_and_ids(dataset, tmp_path, capsys):
     code, _, stderr = _run(["--pairs", csv_path, "-o", out, *FAST], capsys)
     assert code == 0, stderr
     assert _fields(out) == ["disp_0003_0002.nii.gz", "disp_subject-b_subject-a.nii.gz"]
-    assert batch.pair_id(a) == "subject-a" and batch.pair_id(lumir) == "0003"
+    assert pair_id(a) == "subject-a" and pair_id(lumir) == "0003"
     csv_path.write_text("fixed,moving\nimgs/subject-b.nii,imgs/nope.nii.gz\n")
     with pytest.raises(InputError, match="line 2: moving image .*nope.nii.gz' does not exist"):
-        batch.pairs_from_csv(csv_path)
+        pairs_from_csv(csv_path)
     csv_path.write_text("a,b\nx,y\n")
     with pytest.raises(ConfigError, match="'fixed' and 'moving' columns"):
-        batch.pairs_from_csv(csv_path)
+        pairs_from_csv(csv_path)
 
 
 def test_shards_cover_the_list_exactly_once(dataset, tmp_path, capsys):
     items = list(range(11))
     for n in range(1, 5):
-        shards = [batch.select_shard(items, k, n) for k in range(1, n + 1)]
+        shards = [select_shard(items, k, n) for k in range(1, n + 1)]
         assert sorted(i for shard in shards for i in shard) == items
         assert all(shard == sorted(shard) for shard in shards)
-    assert batch.select_shard(items, 2, 3) == [1, 4, 7, 10]
+    assert select_shard(items, 2, 3) == [1, 4, 7, 10]
     for text in ("0/2", "3/2", "1-2", "", "a/b"):
         with pytest.raises(ConfigError, match="K/N"):
-            batch.parse_shard(text)
+            parse_shard(text)
     out = tmp_path / "out"
     assert _run([dataset, "-o", out, *FAST, "--shard", "2/2"], capsys)[0] == 0
     assert _fields(out) == [ALL[1], ALL[3]]
@@ -249,14 +224,14 @@ def test_refining_a_good_field_does_not_make_it_worse(tmp_path, capsys):
     moving = pull(fixed, deformation)
     for sid, image in (("0002", fixed), ("0001", moving)):
         _save(image, root / "imagesVal" / f"SYNTH_{sid}_0000.nii.gz")
-        _save(_labels(image), root / "labelsVal" / f"SYNTH_{sid}_0000.nii.gz")
+        _save(labels_of(image), root / "labelsVal" / f"SYNTH_{sid}_0000.nii.gz")
     (root / "dataset.json").write_text(json.dumps({"validation": [
         {"fixed": "./imagesVal/SYNTH_0002_0000.nii.gz", "moving": "./imagesVal/SYNTH_0001_0000.nii.gz"}]}))
     good = inverse_of(deformation)  # moving(x + good(x)) = fixed(x)
     starts = tmp_path / "starts"
     starts.mkdir()
     nib.save(nib.Nifti1Image(np.moveaxis(good, 0, -1).astype(np.float32), np.eye(4)), starts / "disp_0002_0001.nii.gz")
-    start_dice = evaluate_fields(starts, batch.evaluation_for(load_pairs(root), root)).pairs[0].values["dice"]
+    start_dice = evaluate_fields(starts, evaluation_for(load_pairs(root), root)).pairs[0].values["dice"]
     out = tmp_path / "out"
     code, _, _ = _run([root, "-o", out, *FAST, "--set", "coarse.enabled=false", "--init-fields", starts, "--evaluate"],
                       capsys)
@@ -271,17 +246,34 @@ def test_refining_a_good_field_does_not_make_it_worse(tmp_path, capsys):
     assert line["metrics"]["dice"] >= start_dice - 0.005
 
 
-def test_guard_keeps_the_start_when_refinement_matches_worse():
+def _normalised(image):
+    return (image - image.min()) / max(image.max() - image.min(), 1e-6)
+
+
+def _ncc(a, b):
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+
+
+def test_the_guard_compares_the_programs_ncc_through_the_start_and_through_the_result():
     fixed = brain(seed=4)
     deformation = smooth_field(amplitude=3.0, seed=7)
     moving = pull(fixed, deformation)
     good = inverse_of(deformation)
     worse = good + smooth_field(amplitude=3.0, seed=8)
-    device = jax.local_devices()[0]
-    kept, info = batch._guarded(fixed, moving, good, worse, device)
-    assert info["kept_start"] and info["ncc"] < info["start_ncc"] and kept is good
-    kept, info = batch._guarded(fixed, moving, worse, good, device)
-    assert not info["kept_start"] and kept is good
+    refine_only = ("refine.iterations=30", "coarse.enabled=false")
+    for start in (good, worse):
+        summary = register(fixed, moving, preset="convexadam-lumir", overrides=refine_only, init_disp=start).summary
+        # scipy reference: normalised images, the moving one pulled through the start with border padding
+        # (float32 sums in another order: a few 1e-5 apart; the NCC without the start is far off)
+        through_start = _ncc(_normalised(fixed), pull(_normalised(moving), start))
+        assert summary.ncc_before == pytest.approx(through_start, abs=2e-4)
+        assert abs(through_start - _ncc(_normalised(fixed), _normalised(moving))) > 2e-3
+    base = register(fixed, moving, preset="convexadam-lumir", overrides=refine_only, init_disp=good).summary
+    worse_result = replace(base, ncc_before=0.9, ncc_after=0.8)
+    assert guard_decision(worse_result) == {"start_ncc": 0.9, "ncc": 0.8, "kept_start": True}
+    assert guard_decision(replace(base, ncc_before=0.8, ncc_after=0.8))["kept_start"] is False  # a tie refines
+    assert guard_decision(replace(base, ncc_before=0.8, ncc_after=float("nan")))["kept_start"] is True
 
 
 def test_field_is_complete_rejects_damaged_or_wrong_fields(tmp_path):
@@ -346,3 +338,77 @@ def test_threads_on_one_device_overlap_pairs_and_write_the_same_fields(dataset, 
                                    np.asarray(nib.load(single / name).dataobj), atol=1e-4)
     code, _, stderr = _run([dataset, "-o", tmp_path / "bad", *FAST, "--threads-per-device", "0"], capsys)
     assert code == 2 and "threads_per_device must be >= 1" in stderr and not (tmp_path / "bad").exists()
+
+
+def test_a_blank_image_fails_its_pairs_with_the_reason_and_the_others_run(dataset, tmp_path, capsys):
+    _save(np.zeros(SHAPE, np.float32), dataset.parent / "imagesVal" / "SYNTH_0003_0000.nii.gz")  # in 2 pairs
+    out = tmp_path / "out"
+    code, stdout, stderr = _run([dataset, "-o", out, *FAST], capsys)
+    assert code == 2, stderr
+    assert _fields(out) == ["disp_0002_0001.nii.gz", "disp_0005_0004.nii.gz"]
+    failed = {line["pair"]: line["error"] for line in _log(out) if line["status"] == "failed"}
+    assert failed["0003_0002"].startswith("fixed image is blank") and failed["0004_0003"].startswith("moving image is blank")
+    assert len(failed) == 2 and sum("FAILED" in line for line in stderr.splitlines()) == 2
+
+
+def test_output_paths_are_checked_before_any_work(dataset, tmp_path):
+    pairs = load_pairs(dataset)
+    config = load_config("convexadam-lumir")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(InputError, match="'.*a-file' is a file"):
+        batch.run_batch(pairs, blocker / "out", config=config)
+    out = tmp_path / "out"
+    (out / batch.RUN_LOG).mkdir(parents=True)  # the run log cannot be written
+    with pytest.raises(InputError, match="run_log.jsonl.* is a folder"):
+        batch.run_batch(pairs, out, config=config)
+    (out / batch.RUN_LOG).rmdir()
+    (out / batch.EVALUATION_JSON).mkdir()  # only matters when the run evaluates
+    with pytest.raises(InputError, match="evaluation.json.* is a folder"):
+        batch.run_batch(pairs, out, config=config, evaluation=evaluation_for(pairs, dataset.parent))
+    assert sorted(p.name for p in out.iterdir()) == [batch.EVALUATION_JSON]  # nothing written
+
+
+def test_batch_evaluate_and_evaluate_give_the_same_report_with_keypoints_and_no_config(tmp_path, capsys):
+    dataset = make_dataset(tmp_path / "data", subjects=3, landmarks=True)
+    assert not (dataset.parent / "evaluation_config.json").exists()
+    out = tmp_path / "out"
+    code, batch_stdout, stderr = _run([dataset, "-o", out, *FAST, "--evaluate"], capsys)
+    assert code == 0, stderr
+    code, evaluate_stdout, stderr = run_cli(["evaluate", dataset.parent, out, "-o", tmp_path / "report.json"], capsys)
+    assert code == 0, stderr
+    from_batch = json.loads((out / batch.EVALUATION_JSON).read_text())
+    from_evaluate = json.loads((tmp_path / "report.json").read_text())
+    assert from_batch["summary"] == from_evaluate["summary"]
+    assert set(from_batch["summary"]) == {"dice", "hd95", "tre_lm", "tre_kp", "ndv", "sdlogj"}
+    assert from_batch["pairs"].keys() == from_evaluate["pairs"].keys() == {"0002_0001", "0003_0002"}
+    for key, scored in from_batch["pairs"].items():
+        other = from_evaluate["pairs"][key]
+        assert {k: v for k, v in scored.items() if k != "seconds"} == {k: v for k, v in other.items() if k != "seconds"}
+    for stdout in (batch_stdout, evaluate_stdout):
+        assert "TRE_kp" in stdout
+
+
+def test_the_plan_counts_pairs_that_failed_its_checks(dataset, tmp_path):
+    _save(np.zeros((40, 48, 40), np.float32), dataset.parent / "imagesVal" / "SYNTH_0005_0000.nii.gz")
+    events = []
+    config = load_config("convexadam-lumir", ("refine.iterations=30",))
+    report = batch.run_batch(load_pairs(dataset), tmp_path / "out", config=config, progress=events.append)
+    plan = events[0]
+    assert plan.outcome is None and (plan.total, plan.to_register, plan.finished_earlier, plan.failed_checks) == (4, 3, 0, 1)
+    assert [e.done for e in events[1:]] == [1, 2, 3, 4] and events[-1].eta_seconds == 0.0
+    assert report.exit_code == 1 and report.failed[0].pair.key == "0005_0004"
+
+
+def test_the_submission_zip_is_the_same_bytes_for_the_same_fields(dataset, tmp_path):
+    pairs = load_pairs(dataset)
+    fields = tmp_path / "fields"
+    for pair in pairs:
+        _save(np.full(SHAPE + (3,), 0.5, np.float32), fields / pair.field_name)
+    first = write_submission(fields, pairs, tmp_path / "a" / "run.zip").read_bytes()
+    for pair in pairs:
+        os.utime(fields / pair.field_name, (1e9, 1e9))  # other file times must not show in the zip
+    assert write_submission(fields, pairs, tmp_path / "b" / "run.zip").read_bytes() == first
+    with zipfile.ZipFile(tmp_path / "a" / "run.zip") as archive:
+        assert [info.date_time for info in archive.infolist()] == [(1980, 1, 1, 0, 0, 0)] * len(pairs)
+        assert archive.read(f"run/{pairs[0].field_name}") == (fields / pairs[0].field_name).read_bytes()

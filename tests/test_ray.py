@@ -13,12 +13,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import jaxreg.cli.main  # noqa: F401  builds the app with its commands
 from jaxreg.apps import batch
 
-from test_batch import FAST, _log, _run, make_dataset
+from synthetic_datasets import FAST, make_dataset, run_cli, run_log as _log
 
-TASK_TITLE = "ray::_run_task"  # the process title Ray gives a worker while it runs jaxreg.apps.cluster._run_task
+TASK_TITLE = "ray::_run_task"  # the process title Ray gives a worker while it runs jaxreg.apps.executors._run_task
+
+
+def _run(args, capsys):
+    return run_cli(["batch", *args], capsys)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +112,7 @@ def test_ray_cluster_matches_local_survives_a_killed_worker_and_resumes(ray_clus
     for line in ray_lines:
         assert line["metrics"]["dice"] == pytest.approx(local_lines[line["field"]]["metrics"]["dice"], abs=1e-3)
     progress = [line for line in stderr.splitlines() if line.startswith("[")]
-    assert len(progress) == 6 and all(" ok " in line and "ETA" in line for line in progress)
+    assert len(progress) == 6 and all(" ok " in line for line in progress) and "ETA" in progress[0]
     assert json.loads((out / batch.RUN_CONFIG).read_text())["config"] == json.loads(
         (local / batch.RUN_CONFIG).read_text())["config"]
     assert json.loads((out / batch.EVALUATION_JSON).read_text())["pairs_scored"] == 6
@@ -133,7 +136,7 @@ def test_ray_missing_is_one_error_line(tmp_path, capsys, monkeypatch):
 def test_an_explicit_address_sends_the_token_when_one_exists(tmp_path, monkeypatch):
     """Ray 2.60: `ray start` protects a cluster with a token; a driver given HOST:PORT must be told
     to send it (RAY_AUTH_MODE=token), or it retries InvalidAuthToken until it gives up."""
-    from jaxreg.apps.cluster import send_token_when_available
+    from jaxreg.apps.executors import send_token_when_available
 
     token = tmp_path / "auth_token"
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):  # set, then delete: monkeypatch restores either state

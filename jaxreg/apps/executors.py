@@ -1,39 +1,106 @@
-"""Batch runs on a Ray cluster: one Ray task per pair; planning, resume and logging stay local.
+"""Where a batch's pairs are registered: this process's devices, or a Ray cluster.
 
-:class:`RayExecutor` plugs into :func:`jaxreg.apps.batch.run_batch` (``executor=``), which plans the
-run, skips finished fields, writes ``run_log.jsonl`` / ``run_config.json`` and scores exactly as in
-a local run; only "register this pair" (:class:`jaxreg.apps.batch.PairTask`, the local per-pair code
-path) runs on the cluster. Each task
+An executor takes the :class:`~jaxreg.apps.runner.PairTask` s that :func:`jaxreg.apps.batch.run_batch`
+planned and calls ``finish(task, outcome)`` exactly once per task, in any order and from any
+thread; planning, resume, the run log and scoring stay in ``run_batch``.
 
-* reserves one GPU when the cluster has GPUs, else ``cpus_per_task`` CPUs (default 1, so a
-  2-core machine runs two pairs at once);
-* is run again by Ray when its worker or node dies (``max_retries``): a task first removes the
-  temporary files an earlier attempt of its pair left, then writes the field atomically
-  (temporary file, then rename), so repeating it is harmless;
-* writes into the run's output folder, which every node must see under the same path (a shared
-  file system), as it must see the images.
-
-Workers import :mod:`jaxreg` (this module) before any JAX computation, so its XLA settings apply.
-Ray is optional: ``pip install 'jaxreg[ray]'``.
+- :class:`LocalExecutor`: JAX devices of this process. One device and one pair in flight is a plain
+  loop; otherwise one thread per slot (``threads_per_device`` per device), each device compiling its
+  own program.
+- :class:`RayExecutor`: one Ray task per pair. Each task reserves one GPU when the cluster has
+  GPUs, else ``cpus_per_task`` CPUs (default 1, so a 2-core machine runs two pairs at once); Ray
+  runs it again when its worker or node dies (``max_retries``): a task first removes the temporary
+  files an earlier attempt of its pair left, then writes the field atomically, so repeating it is
+  harmless. It writes into the run's output folder, which every node must see under the same path
+  (a shared file system), as it must see the images. Ray is optional: ``pip install 'jaxreg[ray]'``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import socket
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from typing import Protocol
 
-from .batch import PairOutcome, PairTask, _one_line, _remove_stale_temporaries
-from ..errors import ConfigError, InputError
+import jax
+
+from ..errors import ConfigError, InputError, one_line
+from .runner import PairOutcome, PairTask, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RayExecutor", "import_ray"]
+__all__ = ["Executor", "LocalExecutor", "RayExecutor", "import_ray", "send_token_when_available"]
 
 INSTALL_HINT = "pip install 'jaxreg[ray]'"
+Finish = Callable[[PairTask, PairOutcome], None]
 
+
+class Executor(Protocol):
+    """Runs the pairs to register. ``workers``: pairs run at once (scales the ETA); ``name``: how
+    it is shown; ``devices``: what ran the pairs, for the report."""
+
+    workers: int
+    name: str
+    devices: tuple[str, ...]
+
+    def run(self, tasks: Sequence[PairTask], finish: Finish) -> None: ...
+
+
+class LocalExecutor:
+    """Runs the pairs on this process's JAX devices.
+
+    Arguments:
+        devices: the JAX devices to spread the pairs over (default: every local device).
+        threads_per_device: pairs in flight per device (default: 4 on a GPU/TPU, whose registration
+            takes a fraction of a second while reading the images and writing the field take
+            seconds of CPU, so the threads overlap file work with the device's; 1 on CPU, where
+            one registration already uses every core).
+    """
+
+    def __init__(self, devices: Sequence | None = None, threads_per_device: int | None = None):
+        self._devices = list(devices) if devices is not None else jax.local_devices()
+        if not self._devices:
+            raise ConfigError("no JAX device to run the pairs on.")
+        if threads_per_device is None:
+            threads_per_device = 1 if all(d.platform == "cpu" for d in self._devices) else 4
+        if threads_per_device < 1:
+            raise ConfigError(f"threads_per_device must be >= 1, got {threads_per_device}")
+        self._slots = [d for d in self._devices for _ in range(threads_per_device)]
+        self.workers = len(self._slots)
+        self.devices = tuple(str(d) for d in self._devices)
+        self.name = f"{len(self._devices)} device(s)"
+
+    def run(self, tasks: Sequence[PairTask], finish: Finish) -> None:
+        """Run every task here; with several devices each pair is compiled for and placed on its slot's device."""
+        several = len(self._devices) > 1
+        if len(self._slots) == 1:
+            for task in tasks:
+                finish(task, task.run())
+            return
+        work: queue.Queue = queue.Queue()
+        for task in tasks:
+            work.put(task)
+
+        def worker(device) -> None:
+            while True:
+                try:
+                    task = work.get_nowait()
+                except queue.Empty:
+                    return
+                finish(task, task.run(device if several else None))
+
+        with ThreadPoolExecutor(max_workers=len(self._slots), thread_name_prefix="jaxreg-batch") as pool:
+            for future in [pool.submit(worker, d) for d in self._slots]:
+                future.result()
+
+
+# --------------------------------------------------------------------------------------------
+# Ray
+# --------------------------------------------------------------------------------------------
 
 def import_ray():
     """The ``ray`` module, or a ConfigError saying how to install it."""
@@ -46,8 +113,8 @@ def import_ray():
 
 def _run_task(task: PairTask) -> PairOutcome:
     """The Ray task: one pair, in a worker process (which imported jaxreg when it unpickled this)."""
-    _remove_stale_temporaries(task.job.output.parent, [task.pair])  # an earlier, killed attempt
-    outcome = task()
+    remove_stale_temporaries(task.job.output.parent, [task.pair])  # an earlier, killed attempt
+    outcome = task.run()
     return replace(outcome, device=f"{socket.gethostname()}/{outcome.device}")
 
 
@@ -70,7 +137,7 @@ def send_token_when_available(address: str | None) -> None:
 
 
 class RayExecutor:
-    """Runs :class:`~jaxreg.apps.batch.PairTask` s as Ray tasks (see the module docstring).
+    """Runs :class:`~jaxreg.apps.runner.PairTask` s as Ray tasks (see the module docstring).
 
     Arguments:
         address: the cluster to connect to (``HOST:PORT`` of its head, ``auto``); None does what
@@ -94,7 +161,7 @@ class RayExecutor:
                 ray.init(address=address or None, logging_level=logging.WARNING)
             except (ConnectionError, RuntimeError, ValueError) as err:
                 where = f"at '{address}'" if address else "(local)"
-                raise InputError(f"cannot start or reach the Ray cluster {where}: {_one_line(err)}") from None
+                raise InputError(f"cannot start or reach the Ray cluster {where}: {one_line(err)}") from None
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
         if gpus:
@@ -108,9 +175,10 @@ class RayExecutor:
         self.options["max_retries"] = max_retries
         nodes = sum(node.get("Alive", False) for node in ray.nodes())
         self.name = f"ray ({nodes} node{'s' if nodes != 1 else ''}, {self.workers} x {unit})"
+        self.devices = (self.name,)
         log.info("connected to %s", self.name)
 
-    def run(self, tasks: Sequence[PairTask], finish: Callable[[PairTask, PairOutcome], None]) -> None:
+    def run(self, tasks: Sequence[PairTask], finish: Finish) -> None:
         """Submit every task at once; call ``finish`` as each one ends (a task Ray gave up on,
         e.g. after ``max_retries`` worker deaths, is a ``failed`` outcome). Ctrl-C cancels the rest."""
         if not tasks:
@@ -127,13 +195,13 @@ class RayExecutor:
                     try:
                         outcome = ray.get(ref)
                     except Exception as err:  # noqa: BLE001  worker or node lost for good, task cancelled
-                        outcome = PairOutcome(task.pair, "failed", error=f"Ray: {type(err).__name__}: {_one_line(err)}")
+                        outcome = PairOutcome(task.pair, "failed", error=f"Ray: {type(err).__name__}: {one_line(err)}")
                     finish(task, outcome)
         finally:
             for ref in pending:
                 ray.cancel(ref, force=True)
             for task in tasks:  # temporaries of a last attempt that was killed
-                _remove_stale_temporaries(task.job.output.parent, [task.pair])
+                remove_stale_temporaries(task.job.output.parent, [task.pair])
 
     def close(self) -> None:
         """Disconnect from the cluster (and stop the local instance this executor started)."""

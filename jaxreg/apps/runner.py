@@ -1,0 +1,158 @@
+"""One pair of a batch run: load, check, register, guard, write atomically; then score.
+
+:func:`run_pair` is the only code that registers a pair of a batch, wherever it runs: in this
+process (:class:`jaxreg.apps.executors.LocalExecutor`) or on a cluster worker
+(:class:`PairTask`, picklable). A problem of the pair (an unreadable or blank image, a shape
+mismatch, memory) becomes a ``failed`` :class:`PairOutcome` with a one-line reason, never an
+exception, so the other pairs run.
+
+Refinement of a given field: with ``guard`` on, the refined field is kept only if the moving image
+pulled through it correlates with the fixed image at least as well as through the start (global
+NCC of the normalised images: the program's ``ncc_after`` against its ``ncc_before``, which is
+taken through the starting field); otherwise the start is written unchanged. So refinement never
+makes a field worse by that measure. Dice cannot be guarded without labels: the benchmark checks it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import jax
+
+from ..config import RegistrationConfig
+from ..dataset import Pair
+from ..errors import JaxregError, one_line
+from ..evaluation.config import EvalPair, EvaluationConfig
+from ..evaluation.evaluate import evaluate_fields
+from ..evaluation.report import PairResult
+from ..io import load_field, load_volume, save_field
+from ..registration import Summary, check_pair, run_program
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PairJob", "PairOutcome", "PairTask", "guard_decision", "remove_stale_temporaries", "run_pair",
+           "score_pair"]
+
+
+@dataclass(frozen=True)
+class PairJob:
+    """Everything needed to register one pair into its output file, and how to score it."""
+
+    pair: Pair
+    output: Path
+    init: Path | None = None
+    evaluation: EvalPair | None = None
+
+
+@dataclass(frozen=True)
+class PairOutcome:
+    """What happened to one pair.
+
+    Attributes:
+        pair: the pair; status: ``ok``, ``skipped`` (finished by an earlier run) or ``failed``.
+        seconds: registration time without compilation; compile_seconds: compilation on this pair
+            (0 when the program was reused); wall_seconds: load, register and write.
+        error: one line when failed. metrics: evaluation values when scored.
+        device: the JAX device that ran it. guard: ``start_ncc``, ``ncc`` (global NCC through the
+            start and through the refined field, higher is better) and ``kept_start``, when a
+            starting field was refined with the guard on. contrast: ``contrast_ncc`` and
+            ``intensity_used`` when the preset guards its intensity terms (``contrast.min_ncc``).
+    """
+
+    pair: Pair
+    status: str
+    seconds: float = 0.0
+    compile_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    error: str | None = None
+    metrics: dict = field(default_factory=dict)
+    device: str = ""
+    guard: dict = field(default_factory=dict)
+    contrast: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"pair": self.pair.key, "fixed": str(self.pair.fixed), "moving": str(self.pair.moving),
+                "field": self.pair.field_name, "status": self.status, "seconds": round(self.seconds, 3),
+                "compile_seconds": round(self.compile_seconds, 3), "wall_seconds": round(self.wall_seconds, 3),
+                "error": self.error, "metrics": self.metrics, "device": self.device, **self.guard, **self.contrast}
+
+
+def guard_decision(summary: Summary) -> dict:
+    """``start_ncc``, ``ncc`` and ``kept_start`` of a registration that started from a given field:
+    the start is kept when the images match worse through the refined field (a NaN NCC counts as
+    worse). Both figures come from the registration program itself."""
+    start_ncc, result_ncc = summary.ncc_before, summary.ncc_after
+    return {"start_ncc": start_ncc, "ncc": result_ncc, "kept_start": not result_ncc >= start_ncc}
+
+
+def run_pair(job: PairJob, config: RegistrationConfig, *, guard: bool, device=None) -> PairOutcome:
+    """Register one pair and write its field atomically; any failure is a ``failed`` outcome.
+
+    `device`: compile for and run on this JAX device (several devices share a run); None runs on
+    JAX's default device with the program every other caller shares."""
+    start = time.perf_counter()
+    pair = job.pair
+    device_name = str(device if device is not None else jax.devices()[0])
+    try:
+        fixed, vox2world = load_volume(pair.fixed, "fixed image")
+        moving, _ = load_volume(pair.moving, "moving image")
+        check_pair(fixed, moving)  # same grid, large enough, neither image blank
+        init = load_field(job.init, fixed.shape, "starting field") if job.init is not None else None
+        result = run_program(config, fixed, moving, init, device)
+        disp, guard_info = result.disp, {}
+        if init is not None and guard:
+            guard_info = guard_decision(result.summary)
+            if guard_info["kept_start"]:
+                log.info("%s: the refined field matches worse than the start (NCC %.6f < %.6f): keeping the start",
+                         pair.label, guard_info["ncc"], guard_info["start_ncc"])
+                disp = init
+        save_field(disp, job.output, vox2world)
+    except JaxregError as err:
+        return PairOutcome(pair, "failed", error=str(err), wall_seconds=time.perf_counter() - start, device=device_name)
+    except Exception as err:  # one bad pair (memory, XLA) must not stop the others
+        log.debug("pair %s failed", pair.label, exc_info=True)
+        return PairOutcome(pair, "failed", error=f"{type(err).__name__}: {one_line(err)}",
+                           wall_seconds=time.perf_counter() - start, device=device_name)
+    summary = result.summary
+    contrast = ({} if summary.contrast_ncc is None else
+                {"contrast_ncc": round(summary.contrast_ncc, 4), "intensity_used": summary.intensity_terms_used})
+    return PairOutcome(pair, "ok", seconds=summary.seconds, compile_seconds=summary.compile_seconds,
+                       wall_seconds=time.perf_counter() - start, device=device_name, guard=guard_info,
+                       contrast=contrast)
+
+
+@dataclass(frozen=True)
+class PairTask:
+    """One pair to register, self-contained and picklable so that another process or machine can
+    run it (:class:`jaxreg.apps.executors.RayExecutor`). ``task.run(device)`` is :func:`run_pair`;
+    running it again rewrites the same field, so a retried task is harmless."""
+
+    job: PairJob
+    config: RegistrationConfig
+    guard: bool
+
+    @property
+    def pair(self) -> Pair:
+        return self.job.pair
+
+    def run(self, device=None) -> PairOutcome:
+        return run_pair(self.job, self.config, guard=self.guard, device=device)
+
+
+def score_pair(job: PairJob, fields_dir: Path, evaluation: EvaluationConfig) -> PairResult:
+    """Score one written field with the built-in evaluator (one pair, one thread), exactly as
+    ``jaxreg evaluate`` scores it."""
+    return evaluate_fields(fields_dir, replace(evaluation, pairs=(job.evaluation,)), workers=1).pairs[0]
+
+
+def remove_stale_temporaries(output_dir: Path, pairs: Sequence[Pair]) -> None:
+    """Delete temporary files a killed run left for these pairs (``io.atomic_output`` names them
+    ``.{name}.XXXX.tmp...``). Only these pairs': parallel shards keep theirs."""
+    for pair in pairs:
+        for stale in Path(output_dir).glob(f".{pair.field_name}.*.tmp*"):
+            log.warning("removing %s, left by an interrupted run", stale)
+            stale.unlink(missing_ok=True)
