@@ -3,35 +3,28 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from .main import app
+from .terminal import counting, duration, plural, say, warn
 
-PRESET_HELP = "Preset name (lumir, lumir-multimodal, convexadam-lumir, fast) or path to a TOML config."
+PRESET_HELP = "Preset name (see `jaxreg presets`) or path to a TOML config."
 SET_HELP = "Override a config value, e.g. --set coarse.enabled=false (repeatable)."
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+def plan_line(event, header: str) -> str:
+    """``batch: 13 pairs, 10 to register, 2 finished earlier, 1 refused by the checks; preset lumir -> out``."""
+    refused = event.failed_checks
+    return (f"batch: {plural(event.total, 'pair')}, {event.to_register} to register, {event.finished_earlier} "
+            f"finished earlier{f', {refused} refused by the checks' if refused else ''}; {header}")
 
 
-def _progress_line(event, header: str) -> str:
-    """The plan, then one line per pair: ``[ 3/13] 0004<-0003  ok  27.4 s  Dice 0.5123  ETA 4 min 30 s``."""
+def pair_line(event) -> str:
+    """``[ 3/13] 0004<-0003  ok     27.4 s  Dice 0.5123  ETA 4 min 30 s`` for one finished pair."""
     o = event.outcome
-    if o is None:
-        failing = event.total - event.to_register - event.finished_earlier
-        return (f"batch: {event.total} pairs, {event.to_register} to register, {event.finished_earlier} finished "
-                f"earlier{f', {failing} failing their checks' if failing else ''}; {header}")
     width = len(str(event.total))
     head = f"[{event.done:>{width}}/{event.total}] {o.pair.label}  "
     if o.status == "failed":
@@ -44,14 +37,13 @@ def _progress_line(event, header: str) -> str:
             text += f" (+{o.compile_seconds:.1f} s compilation)"
         if o.guard.get("kept_start"):
             text += "  kept the start (refinement matched worse)"
-        if o.contrast.get("intensity_used") is False:
-            text += f"  MIND-SSC only (contrasts differ: brain NCC {o.contrast['contrast_ncc']:.2f})"
+        if o.contrast.get("contrast_path") == "cross-contrast":
+            text += f"  MIND-SSC only ({o.contrast['contrast_reason']})"
     if "dice" in o.metrics:
         text += f"  Dice {o.metrics['dice']:.4f}"
-    return text + (f"  ETA {_duration(event.eta_seconds)}" if event.eta_seconds is not None else "")
+    return text + (f"  ETA {duration(event.eta_seconds)}" if event.eta_seconds else "")
 
 
-@app.command("batch")
 def batch_command(
     dataset: Optional[Path] = typer.Argument(
         None, help="Dataset JSON (LUMIR layout; its 'validation' pairs) or its folder. Optional with --pairs."),
@@ -65,6 +57,9 @@ def batch_command(
         None, "--init-fields", help="Start each pair from DIR/disp_FIXED_MOVING.nii.gz (e.g. a learned model's output)."),
     guard: bool = typer.Option(True, "--guard/--no-guard",
                                help="With --init-fields: keep the start when the refined field matches the images worse."),
+    root: Optional[Path] = typer.Option(
+        None, "--root", help="Folder the dataset JSON's relative paths start from (default: the JSON's folder; "
+        "LUMIR25 keeps the JSON apart from the images)."),
     pairs_csv: Optional[Path] = typer.Option(
         None, "--pairs", help="CSV with fixed,moving columns (paths relative to the CSV) instead of the JSON's pairs."),
     shard: Optional[str] = typer.Option(None, "--shard", help="K/N: run only pairs i with i % N == K-1 (N jobs cover all)."),
@@ -83,55 +78,79 @@ def batch_command(
     Re-running the same command resumes: finished fields are skipped. Exit code = number of
     failed pairs (capped at 125); 2 with an `error:` line when the run cannot start.
     """
-    from jaxreg.apps import batch
+    from jaxreg.apps.batch import EVALUATION_JSON, run_batch
+    from jaxreg.apps.pairs import pairs_from_csv, parse_shard, select_shard
+    from jaxreg.apps.submission import check_submission_path, write_submission
     from jaxreg.config import load_config
     from jaxreg.dataset import find_dataset_json, load_pairs
+    from jaxreg.errors import InputError
+    from jaxreg.evaluation.config import evaluation_for
+    from jaxreg.evaluation.report import report_lines
+    from jaxreg.io import check_output_dir, check_output_file
 
-    from .evaluate import _summary, _table
+    from .cache import enable_compile_cache
 
+    started = time.perf_counter()
     if dataset is None and pairs_csv is None:
-        raise typer.BadParameter("give a dataset JSON, or a pair list with --pairs")
+        raise InputError("give a dataset JSON (or its folder), or a pair list with --pairs.")
+    check_output_dir(output_dir, "output folder")
+    if qc is not None:
+        check_output_dir(qc, "--qc folder")
+    if submission is not None:
+        check_output_file(check_submission_path(submission), "--submission zip")
+    shard_k_n = parse_shard(shard) if shard is not None else None
     config = load_config(preset, tuple(set_ or ()))
     if pairs_csv is not None:
-        pairs = batch.pairs_from_csv(pairs_csv)
+        pairs = pairs_from_csv(pairs_csv)
         dataset_dir = find_dataset_json(dataset).parent if dataset is not None else pairs_csv.parent
     else:
         json_path = find_dataset_json(dataset)
-        pairs, dataset_dir = load_pairs(json_path, "validation"), json_path.parent
-    if shard is not None:
-        pairs = batch.select_shard(pairs, *batch.parse_shard(shard))
-    evaluation = batch.evaluation_for(pairs, dataset_dir) if evaluate else None
+        dataset_dir = root if root is not None else json_path.parent
+        pairs = load_pairs(json_path, "validation", root=dataset_dir)
+    if shard_k_n is not None:
+        pairs = select_shard(pairs, *shard_k_n)
+    evaluation = evaluation_for(pairs, dataset_dir) if evaluate else None
 
     header = (f"{f'shard {shard}, ' if shard else ''}preset {config.name}"
               f"{', starting from ' + str(init_fields) if init_fields else ''} -> {output_dir}")
     executor = None
     if ray or ray_address:
-        from jaxreg.apps.cluster import RayExecutor
+        from jaxreg.apps.executors import RayExecutor
 
         executor = RayExecutor(ray_address, cpus_per_task=ray_cpus)
         header += f" on {executor.name}"
-    with executor or contextlib.nullcontext():
-        report = batch.run_batch(pairs, output_dir, config=config, init_fields=init_fields, evaluation=evaluation,
-                                 guard=guard, executor=executor, threads_per_device=threads_per_device,
-                                 progress=lambda event: typer.echo(_progress_line(event, header), err=True))
+    enable_compile_cache()
+    with executor or contextlib.nullcontext(), counting("registering", len(pairs)) as bar:
+        def progress(event) -> None:
+            if event.outcome is None:
+                say(plan_line(event, header))
+            else:
+                bar.advance(pair_line(event), eta=event.eta_seconds)
+
+        report = run_batch(pairs, output_dir, config=config, init_fields=init_fields, evaluation=evaluation,
+                           guard=guard, executor=executor, threads_per_device=threads_per_device, progress=progress)
 
     if report.evaluation is not None:
-        for line in _table(report.evaluation) + [""] + _summary(report.evaluation):
+        for line in report_lines(report.evaluation):
             typer.echo(line)
-        typer.echo(f"evaluation: {output_dir / batch.EVALUATION_JSON}")
+        typer.echo(f"evaluation: {output_dir / EVALUATION_JSON}")
     if qc is not None:
         from jaxreg.apps.qc import qc_dataset
 
         done = [(o.pair, o.metrics) for o in report.outcomes if o.status != "failed"]
-        typer.echo(f"qc: {qc_dataset(done, output_dir, qc)}")
+        with counting("drawing QC pictures", len(done)) as bar:
+            index = qc_dataset(done, output_dir, qc, progress=lambda label: bar.advance())
+        typer.echo(f"qc: {index}")
     if submission is not None:
         if report.failed:
-            typer.echo(f"submission not written: {len(report.failed)} pairs failed.", err=True)
+            warn(f"submission not written: {plural(len(report.failed), 'pair')} failed.")
         else:
-            typer.echo(f"submission: {batch.write_submission(output_dir, pairs, submission)}")
+            typer.echo(f"submission: {write_submission(output_dir, pairs, submission)}")
+    for line in report.contrast_lines():
+        typer.echo(line)
     per_pair = report.seconds_per_pair
     typer.echo(f"batch: {report.count('ok')} ok, {report.count('skipped')} skipped, {report.count('failed')} failed "
-               f"of {len(report.outcomes)} pairs in {_duration(report.seconds)}"
+               f"of {plural(len(report.outcomes), 'pair')} in {duration(time.perf_counter() - started)}"
                + (f" ({per_pair:.1f} s per pair after compilation)" if per_pair is not None else "")
                + f"; exit code {report.exit_code}")
     return report.exit_code

@@ -7,10 +7,9 @@ from typing import List, Optional
 
 import typer
 
-from .main import app
+from .terminal import status
 
 
-@app.command("benchmark")
 def benchmark_command(
     fixed: Optional[Path] = typer.Argument(None, help="Fixed image (default: the embedded full-size demo pair)."),
     moving: Optional[Path] = typer.Argument(None, help="Moving image."),
@@ -32,20 +31,31 @@ def benchmark_command(
         "max(3, --repeats) each) and print the ratio, steadier than two separate runs."),
 ):
     """Print compile time, seconds per stage, seconds per pair and peak memory (figures, not a test)."""
-    from jaxreg.apps.benchmark import alternate_presets, run_benchmark, run_scaling, run_throughput
     from jaxreg.config import load_config
     from jaxreg.demo import demo_pair
-    from jaxreg.io import load_volume
+    from jaxreg.errors import InputError
+
+    from .cache import enable_compile_cache
 
     if (fixed is None) != (moving is None):
-        raise typer.BadParameter("give both FIXED and MOVING, or neither for the demo pair")
+        raise InputError("give both FIXED and MOVING, or neither for the demo pair.")
     if fixed is None:
         fixed, moving = demo_pair()
     config = load_config(preset, tuple(set_ or ()))
     other = load_config(against) if against else None  # checked before any work
     counts = _counts(throughput) if throughput else ()
-    def progress(message: str) -> None:
-        typer.echo(f"... {message}", err=True)
+    enable_compile_cache()
+    with status("benchmark") as progress:
+        _benchmark(fixed, moving, config, preset, other, against, counts, repeats=repeats, stages=stages,
+                   scaling=scaling, reference=reference, reference_threads=reference_threads,
+                   reference_repeats=reference_repeats, progress=progress)
+
+
+def _benchmark(fixed, moving, config, preset, other, against, counts, *, repeats, stages, scaling, reference,
+               reference_threads, reference_repeats, progress) -> None:
+    """Run what was asked and print its figures as they come."""
+    from jaxreg.apps.benchmark import alternate_presets, run_benchmark, run_scaling, run_throughput
+    from jaxreg.io import load_volume
 
     report = run_benchmark(fixed, moving, config, repeats=repeats, stages=stages, progress=progress)
     typer.echo(f"pair          {Path(fixed).name} <- {Path(moving).name}, shape {report.shape}, device {report.device}")
@@ -58,6 +68,9 @@ def benchmark_command(
         typer.echo(f"device memory {report.device_peak_gb:.2f} GB peak (accelerator allocator)")
     for name, seconds in report.stages.items():
         typer.echo(f"  stage  {seconds:7.2f} s  {name}")
+    if report.stages:
+        typer.echo(f"  stages {report.stages_seconds:7.2f} s  in all (the whole program: median "
+                   f"{report.median_seconds:.2f} s)")
     for stage, floor, seconds in (("refinement", report.refine_floor_seconds, report.refine_seconds),
                                   ("full-resolution level", report.fine_floor_seconds, report.fine_seconds)):
         if floor:
@@ -111,10 +124,12 @@ def _check_memory_for(pairs: int, report) -> None:
 
 
 def _counts(text: str) -> tuple[int, ...]:
+    from jaxreg.errors import ConfigError
+
     try:
         counts = tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise typer.BadParameter(f"--throughput takes comma-separated pair counts such as 1,2,4,8, not '{text}'")
+        raise ConfigError(f"--throughput takes comma-separated pair counts such as 1,2,4,8, not '{text}'.") from None
     if not counts or min(counts) < 1:
-        raise typer.BadParameter("--throughput counts must be >= 1")
+        raise ConfigError("--throughput counts must be >= 1.")
     return counts

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import math
+import time
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
-from jaxreg.dataset import resolve_evaluation_config
-from jaxreg.errors import InputError
-from jaxreg.evaluation.evaluate import METRIC_COLUMNS, EvaluationReport, evaluate_fields, write_csv, write_json
-
-from .main import app
-
-_HEADERS = {"dice": "Dice", "hd95": "HD95", "tre_lm": "TRE_lm", "tre_kp": "TRE_kp", "ndv": "NDV%", "sdlogj": "SDlogJ"}
-_FORMATS = {"dice": ".4f", "hd95": ".3f", "tre_lm": ".3f", "tre_kp": ".3f", "ndv": ".5f", "sdlogj": ".4f"}
+from .terminal import counting, duration, plural
 
 
 class NdvMask(str, Enum):
@@ -24,49 +17,18 @@ class NdvMask(str, Enum):
     moving = "moving"
 
 
-def _fmt(name: str, value) -> str:
-    if value is None:
-        return "-"
-    if math.isnan(value):
-        return "nan"
-    if math.isinf(value):
-        return "inf"
-    return format(value, _FORMATS[name])
-
-
-def _table(report: EvaluationReport) -> list[str]:
-    columns = [c for c in METRIC_COLUMNS if any(c in p.values for p in report.pairs)]
-    width = max([len("pair")] + [len(p.label) for p in report.pairs])
-    lines = ["  ".join([f"{'pair':<{width}}"] + [f"{_HEADERS[c]:>9}" for c in columns] + ["    s"])]
-    for p in report.pairs:
-        if not p.ok:
-            lines.append(f"{p.label:<{width}}  {p.status.upper()}: {p.error}")
-            continue
-        cells = [f"{_fmt(c, p.values.get(c)):>9}" for c in columns]
-        notes = []
-        if p.details.get("hd95_vanished"):
-            notes.append(f"vanished labels {p.details['hd95_vanished']}")
-        if p.details.get("tre_vanished"):
-            notes.append(f"vanished landmarks {p.details['tre_vanished']}")
-        lines.append("  ".join([f"{p.label:<{width}}"] + cells + [f"{p.seconds:5.1f}"] + notes))
-    return lines
-
-
-def _summary(report: EvaluationReport) -> list[str]:
-    lines = ["summary over scored pairs (mean ± std, 30% quantile, max, n):"]
-    for name, s in report.summary.items():
-        lines.append(f"  {_HEADERS[name]:<7} {_fmt(name, s['mean']):>9} ± {_fmt(name, s['std']):<9} "
-                     f"q30 {_fmt(name, s['q30']):>9}  max {_fmt(name, s['max']):>9}  n={s['n']}")
-    return lines
-
-
-@app.command("evaluate")
 def evaluate_command(
     dataset_dir: Path = typer.Argument(..., help="Dataset folder (dataset.json, imagesVal/, labelsVal/, ...)."),
     fields_dir: Path = typer.Argument(..., help="Folder holding disp_FIXED_MOVING.nii.gz fields."),
-    config: Optional[Path] = typer.Option(
+    config: Optional[List[Path]] = typer.Option(
         None, "--config", "-c",
-        help="Evaluation config JSON; default DATASET_DIR/evaluation_config.json, else the dataset's validation pairs."),
+        help="Evaluation config JSON; default DATASET_DIR/evaluation_config.json, else the dataset's validation pairs. "
+        "Given more than once: the configs are scored and aggregated as LUMIR25's leaderboard does (see --lumir25)."),
+    lumir25: Optional[Path] = typer.Option(
+        None, "--lumir25", metavar="GROUND_TRUTH_DIR",
+        help="Score with LUMIR25's four published configs (LUMIR25_VAL_*_evaluation_config.json in this folder), "
+        "their paths relative to DATASET_DIR, and report per task and the leaderboard's aggregates; -o writes "
+        "the official metrics.json."),
     ndv_mask: NdvMask = typer.Option(NdvMask.fixed, "--ndv-mask",
                                      help="Image whose voxels > 0 mask NDV: fixed (LUMIR25) or moving (LUMIR24)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the full report as JSON here."),
@@ -74,29 +36,82 @@ def evaluate_command(
     keypoint_order: int = typer.Option(1, "--keypoint-order",
                                        help="Interpolation of the field at keypoints for TRE_kp: 1 linear, 3 cubic."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Pairs scored in parallel (default: CPU cores, at most 4)."),
+    allow_missing: bool = typer.Option(
+        False, "--allow-missing", help="Score the fields that exist and list the missing ones (exit 0) instead of "
+        "refusing to start."),
 ) -> None:
     """Score displacement fields with the LUMIR metrics (Dice, HD95, TRE, NDV) and SDlogJ.
 
-    Exits 0 only if every pair was scored; otherwise the last line names the fields not scored.
+    The table is printed row by row as pairs are scored. Exits 0 only if every pair was scored
+    (with --allow-missing: every pair whose field exists); otherwise the last line names the
+    fields not scored.
     """
-    evaluation = resolve_evaluation_config(dataset_dir, config)
+    from jaxreg.errors import InputError
+    from jaxreg.evaluation.config import resolve_evaluation_config
+    from jaxreg.evaluation.evaluate import evaluate_fields
+    from jaxreg.evaluation.report import ReportTable, summary_lines, write_csv, write_json
+    from jaxreg.io import check_output_file
+
+    started = time.perf_counter()
+    for path, what in ((output, "--output report"), (csv_path, "--csv file")):
+        if path is not None:
+            check_output_file(path, what)
+    if lumir25 is not None or len(config or []) > 1:
+        return _evaluate_lumir25(dataset_dir, fields_dir, config or [], lumir25, output, csv_path, workers,
+                                 allow_missing, started)
+    evaluation = resolve_evaluation_config(dataset_dir, config[0] if config else None)
     typer.echo(f"config: {evaluation.source}")
-    typer.echo(f"fields: {fields_dir}  ({len(evaluation.pairs)} pairs, NDV mask: {ndv_mask.value} image > 0)")
-    report = evaluate_fields(fields_dir, evaluation, ndv_mask=ndv_mask.value, keypoint_order=keypoint_order,
-                             workers=workers)
-    for line in _table(report) + [""] + _summary(report):
+    typer.echo(f"fields: {fields_dir}  ({plural(len(evaluation.pairs), 'pair')}, "
+               f"NDV mask: {ndv_mask.value} image > 0)")
+    table = ReportTable.for_config(evaluation)
+    typer.echo(table.header())
+    with counting("scoring", len(evaluation.pairs)) as bar:
+        def row(result) -> None:
+            typer.echo(table.row(result))
+            bar.advance()
+
+        report = evaluate_fields(fields_dir, evaluation, ndv_mask=ndv_mask.value, keypoint_order=keypoint_order,
+                                 workers=workers, progress=row, allow_missing=allow_missing)
+    for line in [""] + summary_lines(report):
         typer.echo(line)
     if output is not None:
         typer.echo(f"report: {write_json(report, output)}")
     if csv_path is not None:
         typer.echo(f"csv: {write_csv(report, csv_path)}")
-    typer.echo(f"{len(report.pairs) - len(report.failed)} of {len(report.pairs)} pairs scored in {report.seconds:.1f} s")
-    if not report.ok:
-        counts = {}
-        for p in report.failed:
+    scored = len(report.pairs) - len(report.failed)
+    typer.echo(f"{scored} of {plural(len(report.pairs), 'pair')} scored in {duration(time.perf_counter() - started)}")
+    not_scored = [p for p in report.failed if not (allow_missing and p.status == "missing")]
+    if not_scored:
+        counts: dict[str, int] = {}
+        for p in not_scored:
             counts[p.status] = counts.get(p.status, 0) + 1
         detail = ", ".join(f"{n} {status}" for status, n in counts.items())
-        names = ", ".join(p.field for p in report.failed)
-        # a JaxregError: jaxreg's main() prints it as one line and exits non-zero (2)
-        raise InputError(f"{len(report.failed)} of {len(report.pairs)} pairs not scored ({detail}): {names}; "
+        names = ", ".join(p.field for p in not_scored)
+        # a JaxregError: main() prints it as one line and exits 2
+        raise InputError(f"{len(not_scored)} of {plural(len(report.pairs), 'pair')} not scored ({detail}): {names}; "
+                         "write the missing fields, full resolution and finite, and evaluate again.")
+
+
+def _evaluate_lumir25(dataset_dir, fields_dir, configs, ground_truth, output, csv_path, workers, allow_missing,
+                      started) -> None:
+    """`jaxreg evaluate --lumir25` / several --config: the leaderboard's tasks and aggregates."""
+    from jaxreg.errors import InputError
+    from jaxreg.evaluation.lumir25 import (evaluate_lumir25, lumir25_config_paths, lumir25_lines, write_lumir25_csv,
+                                           write_lumir25_json)
+
+    paths = (lumir25_config_paths(ground_truth) if ground_truth is not None else []) + list(configs)
+    typer.echo(f"configs: {', '.join(str(p) for p in paths)}; paths relative to {dataset_dir}; NDV mask: fixed image > 0")
+    with counting("scoring", None) as bar:
+        report = evaluate_lumir25(fields_dir, paths, dataset_dir, workers=workers, allow_missing=allow_missing,
+                                  progress=lambda path, result: bar.advance())
+    for line in lumir25_lines(report):
+        typer.echo(line)
+    if output is not None:
+        typer.echo(f"report (official metrics.json keys): {write_lumir25_json(report, output)}")
+    if csv_path is not None:
+        typer.echo(f"csv: {write_lumir25_csv(report, csv_path)}")
+    typer.echo(f"scored in {duration(time.perf_counter() - started)}")
+    not_scored = [p for p in report.failed if not (allow_missing and p.status == "missing")]
+    if not_scored:
+        raise InputError(f"{len(not_scored)} pairs not scored: {', '.join(p.field for p in not_scored)}; "
                          "write the missing fields, full resolution and finite, and evaluate again.")

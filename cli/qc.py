@@ -6,18 +6,23 @@ from pathlib import Path
 
 import typer
 
-from .main import app
+from .terminal import steps
 
 
-@app.command("qc")
 def qc_command(
     fixed: Path = typer.Argument(..., help="Fixed image."),
     moving: Path = typer.Argument(..., help="Moving image."),
     disp: Path = typer.Argument(..., help="LUMIR displacement field of the pair."),
     output: Path = typer.Option(Path("qc.png"), "-o", "--output", help="PNG to write."),
 ):
-    """Draw fixed, moving, moved, checkerboard, deformed grid and log-Jacobian with folds in red."""
+    """Draw fixed, moving, moved, checkerboard, deformed grid, and the log-Jacobian with the folds
+    (the voxels NDV counts) marked, under a one-line summary of the field's metrics."""
     from jaxreg.apps.qc import qc_for_files, summary_line
+    from jaxreg.io import check_output_file
 
-    path, values = qc_for_files(fixed, moving, disp, output, label=disp.name)
-    typer.echo(f"{summary_line(values)}\nwrote {path}")
+    check_output_file(output, "output picture", suffixes=(".png",))
+    with steps() as step:
+        path, values = qc_for_files(fixed, moving, disp, output, label=f"{fixed.name} <- {moving.name}",
+                                    progress=step)
+    typer.echo(summary_line(values))
+    typer.echo(f"wrote {path}")

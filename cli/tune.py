@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .main import app
+from .terminal import duration, status
 
 
-@app.command("tune")
 def tune_command(
     dataset: Annotated[Path, typer.Argument(help="Dataset JSON (LUMIR layout) or its folder; needs label maps.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="The preset to write (.toml), loadable with --preset.")],
@@ -28,19 +28,24 @@ def tune_command(
     scoring only. Progress on stderr, the report on stdout."""
     from dataclasses import replace
 
-    from jaxreg.config import load_config
-    from jaxreg.dataset import find_dataset_json, resolve_evaluation_config
-    from jaxreg.apps.tune import parse_grid, report_lines, tune, write_preset
+    from jaxreg.apps.tune import parse_grid, report_lines, tune
+    from jaxreg.config import load_config, write_preset
+    from jaxreg.dataset import find_dataset_json
+    from jaxreg.evaluation.config import resolve_evaluation_config
+    from jaxreg.io import check_output_file
 
+    from .cache import enable_compile_cache
+
+    started = time.perf_counter()
+    check_output_file(output, "output preset", suffixes=(".toml",))
     base = load_config(preset, tuple(set_ or ()))
     axes = parse_grid(grid, base)  # a bad key or value fails here, before anything is read
-    if output.suffix != ".toml":
-        raise typer.BadParameter(f"output '{output}' must end in .toml")
     # the pairs and labels `jaxreg evaluate` would score; without a config, the JSON's validation pairs
     evaluation = resolve_evaluation_config(find_dataset_json(dataset), config_path)
-    result = tune(evaluation, base, axes, holdout=holdout, folds=folds, metric=metric,
-                  max_ndv=None if max_ndv < 0 else max_ndv,
-                  progress=lambda line: typer.echo(line, err=True))
+    enable_compile_cache()
+    with status("tuning") as say:
+        result = tune(evaluation, base, axes, holdout=holdout, folds=folds, metric=metric,
+                      max_ndv=None if max_ndv < 0 else max_ndv, progress=say)
     lines = report_lines(result)
     for line in lines:
         typer.echo(line)
@@ -50,4 +55,5 @@ def tune_command(
               + "; ".join(f"{name} in {list(values)}" for name, values in axes)
               + f" ({split}, subject-disjoint; metric {metric}, max NDV {max_ndv}%).", *lines]
     typer.echo(f"preset: {write_preset(chosen, output, header)}  (use it with --preset {output})")
+    typer.echo(f"tune: {duration(time.perf_counter() - started)} in all")
     return 0

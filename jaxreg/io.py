@@ -1,8 +1,11 @@
 """NIfTI in and out with nibabel: volumes, label maps and displacement fields in the LUMIR layout.
 
 Every writer is atomic: it writes a temporary file in the target folder and renames it, so a
-killed run never leaves a truncated output behind. Every reader checks what it reads and raises
-:class:`~jaxreg.errors.InputError` with a one-line message.
+killed run never leaves a truncated output behind, and deterministic: a ``.nii.gz`` carries no time
+or file name in its gzip header, so identical runs write identical bytes. Every reader checks what
+it reads and raises :class:`~jaxreg.errors.InputError` with a one-line message. The output checks
+(:func:`check_output_file`, :func:`check_output_dir`) let a command refuse an unusable output path
+before it starts any work.
 """
 
 from __future__ import annotations
@@ -74,6 +77,24 @@ def load_labels(path: str | os.PathLike, what: str = "label map") -> np.ndarray:
     return np.asarray(data, dtype=np.int32)
 
 
+# An image with fewer voxels above its background than this holds no brain (a skull-stripped brain
+# has about a million at 1 mm); small synthetic test grids need proportionally fewer.
+MIN_FOREGROUND_VOXELS = 1000
+
+
+def check_not_blank(image: np.ndarray, what: str) -> None:
+    """Raise an InputError naming `what` if `image` holds no brain: constant (e.g. all zero), or with
+    almost no voxels above its background (its minimum). Registering such an image gives a
+    meaningless field, so every command refuses it."""
+    low, high = float(np.min(image)), float(np.max(image))
+    if high == low:
+        raise InputError(f"{what} is blank: every voxel is {low:g}, there is no brain in it: check the file.")
+    foreground = int(np.count_nonzero(image > low))
+    if foreground < min(MIN_FOREGROUND_VOXELS, image.size // 100):
+        raise InputError(f"{what} is almost blank: only {foreground} voxel(s) above its background {low:g}: "
+                         "is it a (skull-stripped) brain image?")
+
+
 def check_finite(array: np.ndarray, what: str) -> None:
     """Raise an InputError naming `what` if `array` holds NaN or inf."""
     if not np.all(np.isfinite(array)):
@@ -111,6 +132,81 @@ def load_field(path: str | os.PathLike, shape: tuple[int, int, int] | None = Non
     return disp
 
 
+def stored_dtype(path: str | os.PathLike) -> np.dtype:
+    """The data type a NIfTI file stores (from its header), e.g. to write a warped label map in the
+    dtype of the map it came from."""
+    path = _check_readable(Path(path), "image")
+    try:
+        return nib.load(str(path)).header.get_data_dtype()
+    except Exception as err:  # nibabel raises many types for a damaged header
+        raise InputError(f"'{path}' cannot be read as NIfTI ({err}): is the file complete?") from None
+
+
+# --------------------------------------------------------------------------------------------
+# output paths, checked before any work starts
+# --------------------------------------------------------------------------------------------
+
+def _first_existing(path: Path) -> Path:
+    ancestor = path
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    return ancestor
+
+
+def _check_can_write_in(folder: Path, path: Path, what: str) -> None:
+    """Create and remove a probe file in `folder`: the only test that also sees read-only file
+    systems, ACLs and root-squashed network mounts (os.access does not)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".jaxreg-write-test-", dir=folder)
+    except OSError as err:
+        raise InputError(f"{what} '{path}' cannot be written: a file cannot be created in '{folder}' "
+                         f"({err.strerror or type(err).__name__}): choose a folder you can write in.") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _check_can_create(path: Path, what: str) -> None:
+    """The nearest existing folder above `path` must be a folder this process can write in (the
+    missing folders in between are made when the output is written)."""
+    ancestor = _first_existing(path.absolute().parent)
+    if not ancestor.is_dir():
+        raise InputError(f"{what} '{path}' cannot be created: '{ancestor}' is a file, not a folder.")
+    _check_can_write_in(ancestor, path, what)
+
+
+def check_output_file(path: str | os.PathLike, what: str = "output", *, suffixes: tuple[str, ...] = ()) -> Path:
+    """Check, creating nothing, that a file can be written at `path`: not an existing folder, its
+    folder exists or can be made and is writable, and its name ends in one of `suffixes` (if given).
+
+    Every command calls this for each output file before it reads or computes anything, so an
+    unusable path costs the user one line instead of a finished run. Raises InputError.
+    """
+    path = Path(path)
+    if path.is_dir():
+        example = f" such as '{path / ('out' + suffixes[0])}'" if suffixes else ""
+        raise InputError(f"{what} '{path}' is a folder: give a file name{example}.")
+    if suffixes and not str(path).endswith(tuple(suffixes)):
+        raise InputError(f"{what} '{path}' must end in {' or '.join(suffixes)}.")
+    if path.exists():
+        _check_can_write_in(path.absolute().parent, path, what)  # replaced by a rename: the folder counts
+    else:
+        _check_can_create(path, what)
+    return path
+
+
+def check_output_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Check, creating nothing, that `path` is a writable folder or can be made one (see
+    :func:`check_output_file`). Raises InputError."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{what} '{path}' is a file: give a folder.")
+    if path.is_dir():
+        _check_can_write_in(path, path, what)
+    else:
+        _check_can_create(path, what)
+    return path
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, suffix: str = ""):
     """Yield a temporary path in `path`'s folder; on success rename it to `path`, else remove it.
@@ -138,20 +234,26 @@ def atomic_output(path: str | os.PathLike, suffix: str = ""):
 FIELD_GZIP_LEVEL = 0
 
 
+IMAGE_GZIP_LEVEL = 1  # nibabel's own default
+
+
 def atomic_save(img: nib.Nifti1Image, path: str | os.PathLike, gzip_level: int | None = None) -> Path:
     """Write `img` to `path` through a temporary file in the same folder, then rename.
 
-    `gzip_level` (0-9) overrides nibabel's compression level for a .nii.gz output."""
+    A .nii.gz is compressed at `gzip_level` (0-9; default nibabel's level 1) with an empty file name
+    and a zero time in the gzip header, so the same image always gives the same bytes."""
     path = Path(path)
     if not str(path).endswith(NIFTI_SUFFIXES):
         raise InputError(f"output '{path}' must end in .nii.gz (or .nii).")
     gzipped = str(path).endswith(".gz")
-    with atomic_output(path, ".nii.gz" if gzipped else ".nii") as tmp:
-        if gzipped and gzip_level is not None:
-            with gzip.open(tmp, "wb", compresslevel=gzip_level) as stream:
-                stream.write(img.to_bytes())
+    data = img.to_bytes()
+    with atomic_output(path, ".nii.gz" if gzipped else ".nii") as tmp, open(tmp, "wb") as raw:
+        if gzipped:
+            level = IMAGE_GZIP_LEVEL if gzip_level is None else gzip_level
+            with gzip.GzipFile(filename="", mode="wb", compresslevel=level, fileobj=raw, mtime=0) as stream:
+                stream.write(data)
         else:
-            nib.save(img, tmp)
+            raw.write(data)
     return path
 
 

@@ -36,9 +36,11 @@ def _run(args, capsys):
 def test_register_writes_field_moved_and_labels(pair, tmp_path, capsys):
     out = tmp_path / "out" / "disp.nii.gz"
     code, stdout, _ = _run(["register", pair["fixed"], pair["moving"], "-o", out, "--moved", tmp_path / "moved.nii.gz",
-                            "--warp-labels", pair["labels"], "--summary", tmp_path / "s.json", *FAST], capsys)
+                            "--warp-labels", pair["labels"], "--summary", tmp_path / "s.json", "--qc", tmp_path / "qc",
+                            *FAST], capsys)
     assert code == 0
     assert "NDV" in stdout and "NCC" in stdout
+    assert (tmp_path / "qc" / "disp.png").exists() and f"wrote qc       {tmp_path / 'qc' / 'disp.png'}" in stdout
     field = nib.load(out)
     assert field.shape == (40, 48, 44, 3) and field.get_data_dtype() == np.float32
     warped = np.asarray(nib.load(out.parent / "warped_seg.nii.gz").dataobj)
@@ -96,7 +98,86 @@ def test_config_errors_list_valid_choices(args, expected, pair, tmp_path, capsys
     assert code == 2 and expected in stderr, stderr
 
 
-def test_presets_command_lists_all_presets(capsys):
+def test_presets_command_lists_all_presets_and_prints_one_as_toml(capsys):
+    import tomllib
+
+    from jaxreg.config import config_from_dict, load_config, preset_names
+
     code, stdout, _ = _run(["presets"], capsys)
     assert code == 0
-    assert [line.split(":")[0] for line in stdout.splitlines()] == ["convexadam-lumir", "fast", "lumir", "lumir-multimodal"]
+    listed = [line.split()[0] for line in stdout.splitlines()[1:] if line[:1].isalnum()]
+    assert set(preset_names()) <= set(listed)
+    assert all(len(line) <= 160 for line in stdout.splitlines())  # a table, not a 900-character JSON line each
+    code, stdout, _ = _run(["presets", "fast"], capsys)
+    assert code == 0 and stdout.startswith("# ")  # the preset's own description comes first
+    assert config_from_dict(tomllib.loads(stdout)) == load_config("fast")  # every setting, readable back
+
+
+def test_warped_labels_keep_the_input_dtype_and_are_named_once(pair, tmp_path, capsys):
+    labels = np.asarray(nib.load(pair["labels"]).dataobj).astype(np.uint16) * 300
+    source = tmp_path / "seg16.nii.gz"
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), source)
+    out = tmp_path / "out" / "disp.nii.gz"
+    code, stdout, _ = _run(["register", pair["fixed"], pair["moving"], "-o", out, "--warp-labels", source, *FAST], capsys)
+    assert code == 0
+    warped = nib.load(out.parent / "warped_seg16.nii.gz")
+    assert warped.get_data_dtype() == np.uint16
+    assert set(np.unique(np.asarray(warped.dataobj))) <= {0, 300, 600}
+    assert stdout.count(str(out.parent / "warped_seg16.nii.gz")) == 1
+    assert f"wrote labels   {out.parent / 'warped_seg16.nii.gz'}" in stdout
+
+
+def test_two_identical_runs_write_identical_bytes(pair, tmp_path, capsys):
+    """No time or temporary name in the gzip headers: users can checksum results."""
+    import hashlib
+
+    digests = []
+    for run in ("first", "second"):
+        out = tmp_path / run / "disp.nii.gz"
+        code, _, stderr = _run(["register", pair["fixed"], pair["moving"], "-o", out, "--moved", out.parent / "moved.nii.gz",
+                                "--warp-labels", pair["labels"], *FAST], capsys)
+        assert code == 0, stderr
+        digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.parent.iterdir())})
+    assert sorted(digests[0]) == ["disp.nii.gz", "moved.nii.gz", "warped_seg.nii.gz"]
+    assert digests[0] == digests[1]
+    with gzip.open(tmp_path / "first" / "disp.nii.gz") as stream:  # still an ordinary gzip that nibabel reads
+        assert len(stream.read()) > 0
+
+
+def test_version_and_short_help(capsys):
+    from jaxreg import __version__
+
+    code, stdout, _ = _run(["--version"], capsys)
+    assert code == 0 and stdout.strip() == f"jaxreg {__version__}"
+    code, stdout, _ = _run(["register", "-h"], capsys)
+    assert code == 0 and "--verbose" in stdout and "--quiet" in stdout and "--preset" in stdout
+    code, stdout, _ = _run(["batch", "-h"], capsys)
+    assert "pip install 'jaxreg[ray]'" in " ".join(stdout.split())
+
+
+def test_quiet_leaves_results_only_and_verbose_shows_library_logs(pair, tmp_path, capsys):
+    args = ["register", pair["fixed"], pair["moving"], "-o", tmp_path / "d.nii.gz", *FAST]
+    code, stdout, stderr = _run([*args, "-q"], capsys)
+    assert code == 0 and stderr == "" and "NCC" in stdout
+    code, stdout, stderr = _run([*args, "-v"], capsys)
+    assert code == 0 and "registered in" in stderr  # jaxreg.registration's INFO log
+    code, _, stderr = _run(args, capsys)
+    assert "registered in" not in stderr and "✓ registering" in stderr  # default: the steps, no INFO logs
+
+
+def test_evaluate_prints_rows_and_allow_missing_scores_what_is_there(tmp_path, capsys):
+    from synthetic_datasets import make_dataset
+
+    dataset = make_dataset(tmp_path / "data", subjects=3)  # pairs 0002<-0001 and 0003<-0002
+    fields = tmp_path / "fields"
+    fields.mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((40, 48, 44, 3), np.float32), np.eye(4)), fields / "disp_0002_0001.nii.gz")
+    code, stdout, stderr = _run(["evaluate", dataset.parent, fields], capsys)
+    assert code == 2 and stderr.startswith("error: ") and stderr.count("\n") == 1
+    assert "disp_0003_0002.nii.gz" in stderr
+    code, stdout, stderr = _run(["evaluate", dataset.parent, fields, "--allow-missing", "--csv", tmp_path / "r.csv"], capsys)
+    assert code == 0, stderr
+    rows = [line for line in stdout.splitlines() if line.startswith(("0002<-0001", "0003<-0002"))]
+    assert rows[0].startswith("0002<-0001") and "MISSING" in rows[1]
+    assert "1 of 2 fields missing" in stdout and "1 of 2 pairs scored" in stdout
+    assert (tmp_path / "r.csv").exists()
