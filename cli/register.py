@@ -45,7 +45,8 @@ def _print_summary(result, written: dict) -> None:
 
 
 def _check_outputs(output: Path, *, moved: Optional[Path] = None, labels: list[tuple[Path, Path]] = (),
-                   summary_json: Optional[Path] = None, qc: Optional[Path] = None, inputs=()) -> None:
+                   summary_json: Optional[Path] = None, qc: Optional[Path] = None, inverse: Optional[Path] = None,
+                   inputs=()) -> None:
     """Every output path of a registration, checked before anything is read or compiled."""
     from jaxreg.errors import InputError
     from jaxreg.io import check_output_dir, check_output_file
@@ -57,9 +58,11 @@ def _check_outputs(output: Path, *, moved: Optional[Path] = None, labels: list[t
         check_output_file(target, "warped label map", suffixes=NIFTI)
     if summary_json is not None:
         check_output_file(summary_json, "--summary file")
+    if inverse is not None:
+        check_output_file(inverse, "--inverse field", suffixes=NIFTI)
     if qc is not None:
         check_output_dir(qc, "--qc folder")
-    outputs = [output, moved, summary_json, *(target for _, target in labels)]
+    outputs = [output, moved, summary_json, inverse, *(target for _, target in labels)]
     resolved = [Path(p).resolve() for p in outputs if p is not None]
     for path in resolved:
         if resolved.count(path) > 1:
@@ -69,7 +72,8 @@ def _check_outputs(output: Path, *, moved: Optional[Path] = None, labels: list[t
 
 
 def _register_and_report(fixed: Path, moving: Path, output: Path, *, moved: Optional[Path], labels, preset: str,
-                         overrides: tuple, init_disp: Optional[Path], qc: Optional[Path], started: float) -> tuple:
+                         overrides: tuple, init_disp: Optional[Path], qc: Optional[Path], started: float,
+                         inverse: Optional[Path] = None) -> tuple:
     """Register (showing each step), draw the QC picture if asked, print the summary."""
     from jaxreg.config import load_config
     from jaxreg.registration import register_files
@@ -78,6 +82,12 @@ def _register_and_report(fixed: Path, moving: Path, output: Path, *, moved: Opti
     with steps() as step:
         result, written = register_files(fixed, moving, output, moved_output=moved, warp_labels=labels,
                                          config=config, init_disp=init_disp, progress=step)
+        if inverse is not None:
+            from jaxreg.apps.invert import write_inverse
+
+            step("inverting the field")
+            report = write_inverse(result, inverse, fixed=fixed, moving=moving)
+            written["inverse"] = report.path
         if qc is not None:
             from jaxreg.apps.qc import qc_for_files
 
@@ -87,6 +97,9 @@ def _register_and_report(fixed: Path, moving: Path, output: Path, *, moved: Opti
                                             values={"ndv": result.summary.ndv_percent},
                                             label=f"{fixed.name} <- {moving.name}")
     _print_summary(result, written)
+    if inverse is not None:
+        typer.echo(f"inverse       |phi(psi(y)) - y| on the moving brain: {report.on_moving.line()}")
+        typer.echo(f"              |psi(phi(x)) - x| on the fixed brain: {report.on_fixed.line()}")
     typer.echo(f"total         {duration(time.perf_counter() - started)} wall, start to end")
     return result, written
 
@@ -104,6 +117,8 @@ def register_command(
     init_disp: Optional[Path] = typer.Option(None, "--init-disp", help="Start from this LUMIR field (e.g. a learned model's output)."),
     summary_json: Optional[Path] = typer.Option(None, "--summary", help="Write the run summary as JSON."),
     qc: Optional[Path] = typer.Option(None, "--qc", help="Also write a quality-control picture into this folder."),
+    inverse: Optional[Path] = typer.Option(
+        None, "--inverse", help="Also write the inverse field here (on the moving grid; see `jaxreg invert`)."),
 ):
     """Register MOVING to FIXED and write the LUMIR displacement field."""
     from jaxreg.io import atomic_output
@@ -112,11 +127,12 @@ def register_command(
 
     started = time.perf_counter()
     labels = _label_outputs(warp_labels or [], output)
-    _check_outputs(output, moved=moved, labels=labels, summary_json=summary_json, qc=qc,
+    _check_outputs(output, moved=moved, labels=labels, summary_json=summary_json, qc=qc, inverse=inverse,
                    inputs=[fixed, moving, *(warp_labels or []), *([init_disp] if init_disp else [])])
     enable_compile_cache()
     result, written = _register_and_report(fixed, moving, output, moved=moved, labels=labels, preset=preset,
-                                           overrides=tuple(set_ or ()), init_disp=init_disp, qc=qc, started=started)
+                                           overrides=tuple(set_ or ()), init_disp=init_disp, qc=qc, started=started,
+                                           inverse=inverse)
     if summary_json is not None:
         summary = dict(result.summary.as_dict(), outputs={k: str(v) for k, v in written.items()})
         with atomic_output(summary_json) as tmp:

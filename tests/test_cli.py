@@ -181,3 +181,19 @@ def test_evaluate_prints_rows_and_allow_missing_scores_what_is_there(tmp_path, c
     assert rows[0].startswith("0002<-0001") and "MISSING" in rows[1]
     assert "1 of 2 fields missing" in stdout and "1 of 2 pairs scored" in stdout
     assert (tmp_path / "r.csv").exists()
+
+
+def test_register_inverse_writes_a_field_that_undoes_the_registration(pair, tmp_path, capsys):
+    out, inverse = tmp_path / "disp.nii.gz", tmp_path / "inverse.nii.gz"
+    code, stdout, _ = _run(["register", pair["fixed"], pair["moving"], "-o", out, "--inverse", inverse, *FAST], capsys)
+    assert code == 0 and "|phi(psi(y)) - y|" in stdout
+    forward = np.moveaxis(np.asarray(nib.load(out).dataobj), -1, 0)
+    backward = np.moveaxis(np.asarray(nib.load(inverse).dataobj), -1, 0)
+    # psi(y) = y + v(y) lands at x with phi(x) = x + u(x) back at y: v(y) + u(y + v(y)) = 0 inside the grid
+    from scipy import ndimage
+
+    grid = np.indices(backward.shape[1:]).astype(np.float64)
+    landed = grid + backward
+    composed = backward + np.stack([ndimage.map_coordinates(c, landed, order=1, mode="nearest") for c in forward])
+    inside = np.all([(landed[a] > 2) & (landed[a] < backward.shape[1 + a] - 3) for a in range(3)], axis=0)
+    assert np.abs(composed[:, inside]).mean() < 0.05
