@@ -16,9 +16,12 @@ import typer
 
 from jaxreg.errors import JaxregError
 
+from .apply import apply_command
 from .batch import batch_command
 from .benchmark import benchmark_command
+from .convert import convert_command
 from .evaluate import evaluate_command
+from .invert import invert_command
 from .prepare import prepare_command
 from .qc import qc_command
 from .register import demo_command, presets_command, register_command
@@ -32,6 +35,9 @@ COMMANDS = {
     "batch": batch_command,
     "evaluate": evaluate_command,
     "qc": qc_command,
+    "apply": apply_command,
+    "convert": convert_command,
+    "invert": invert_command,
     "prepare": prepare_command,
     "tune": tune_command,
     "benchmark": benchmark_command,

@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from jaxreg.cli.main import main
 from jaxreg.errors import InputError
-from jaxreg.apps.prepare import prepare, template
+from jaxreg.apps.prepare import _resample, load_record, prepare, template, write_prepared
 
 OASIS = Path(os.environ.get("JAXREG_OASIS_DIR", Path(__file__).resolve().parents[2] / "shared/data/oasis-trt20"))
 
@@ -41,15 +41,44 @@ def _native_from_template(tmp_path):
     return path, csv_path, templ, points
 
 
-def test_prepare_recovers_the_template_and_carries_landmarks(tmp_path):
-    path, csv_path, templ, points = _native_from_template(tmp_path)
-    prepared = prepare(path, landmarks_path=csv_path)
+@pytest.fixture(scope="module")
+def prepared_native(tmp_path_factory):
+    """The native-looking template, prepared once for the tests that read the result."""
+    folder = tmp_path_factory.mktemp("native")
+    path, csv_path, templ, points = _native_from_template(folder)
+    return path, templ, points, prepare(path, landmarks_path=csv_path)
+
+
+def test_prepare_recovers_the_template_and_carries_landmarks(prepared_native):
+    path, templ, points, prepared = prepared_native
     assert prepared.image.shape == (160, 224, 192) and prepared.image.dtype == np.uint8
     mask_a, mask_b = prepared.image > 0, templ > 0
     assert 2 * (mask_a & mask_b).sum() / (mask_a.sum() + mask_b.sum()) > 0.95
     assert np.corrcoef(prepared.image.ravel(), templ.ravel())[0, 1] > 0.95
     found = np.array([p[2:] for p in prepared.landmarks])
     assert np.linalg.norm(found - points, axis=1).max() < 2.0
+
+
+def test_prepare_writes_the_maps_back_to_the_native_t1(prepared_native, tmp_path):
+    """The JSON record holds the map and the native grid; SimpleITK, reading the ITK affine, resamples
+    the native T1 onto the prepared grid as prepare did (trilinear, before the intensity rescaling)."""
+    sitk = pytest.importorskip("SimpleITK")
+    path, templ, _, prepared = prepared_native
+    written = write_prepared(prepared, tmp_path / "prep.nii.gz")
+    assert written["record"] == tmp_path / "prep_prepare.json" and written["affine"] == tmp_path / "prep_affine.txt"
+    record = load_record(written["image"])
+    native = nib.load(path)
+    np.testing.assert_allclose(record.template_vox2native_vox, prepared.template_vox2native_vox)
+    np.testing.assert_allclose(record.native_vox2world, native.affine)
+    assert record.native_shape == native.shape and record.native_image == str(path)
+    resampled = sitk.Resample(sitk.ReadImage(str(path)), sitk.ReadImage(str(written["image"])),
+                              sitk.ReadTransform(str(written["affine"])), sitk.sitkLinear, 0.0)
+    by_sitk = np.transpose(sitk.GetArrayFromImage(resampled), (2, 1, 0))
+    ours = _resample(np.asarray(native.dataobj, np.float32), prepared.template_vox2native_vox, templ.shape, order=1)
+    assert ours.std() > 10
+    assert np.abs(by_sitk - ours).max() < 1e-3 * ours.max()
+    with pytest.raises(InputError, match="not an image written by `jaxreg prepare`"):
+        load_record(path)
 
 
 def test_prepare_refuses_what_cannot_work(tmp_path):
