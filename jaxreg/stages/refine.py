@@ -1,20 +1,13 @@
-"""Adam refinement of a displacement grid (ConvexAdam's instance optimisation), driven by optax.
+"""Adam refinement of a displacement grid (ConvexAdam's instance optimisation), driven by optax, and
+the feature level that uses it.
 
 The optimised parameters are a displacement grid with ``grid_spacing`` voxels per cell, in cell
-units. The displacement the loss sees is that grid smoothed by ``smoothing_passes`` zero-padded 3^3
-box filters. Loss = feature SSD (summed over channels, averaged over cells) of the moving features
-pulled through the displacement + ``diffusion_weight`` * mean squared forward differences per axis.
-The iterations run inside ``lax.scan``; :func:`refine` reports the loss before and after them.
-:func:`refine_fine` adds a residual on the full voxel grid, matched on the intensities (SSD and local
-NCC, :func:`intensity_loss`), with the diffusion penalty on the residual alone.
-
-The SSD term has a hand-written gradient (:func:`warped_ssd`): XLA's autodiff of a 12-channel
-gather scatters into the features, which costs several times more than the fused forward pass.
-So have the full-resolution data term (:func:`intensity_loss`) and the fold penalty
-(:func:`fold_penalty`; its autodiff held ~40 full-size intermediates). In CPU programs the sampling,
-the feature SSD, the local NCC, the fold penalty and each Adam step's last box filter with the update
-run as C++ kernels (:mod:`jaxreg.ops.native.kernels`); the ``_jax`` functions here (and autodiff, for the
-Adam step) are the path everywhere else and the reference the kernels are tested against.
+units. The displacement the loss sees is that grid smoothed by ``smoothing_passes`` zero-padded
+SMOOTHING_WIDTH^3 box filters. The feature level's loss (:func:`refine`) is the feature SSD (summed
+over channels, averaged over cells) of the moving features pulled through the displacement +
+``diffusion_weight`` * mean squared forward differences per axis (+ the fold penalty). The
+iterations run inside ``lax.scan`` (:func:`adam_on_smoothed`, shared with :mod:`jaxreg.stages.fine`);
+:func:`refine` reports the loss before and after them.
 """
 
 from __future__ import annotations
@@ -25,206 +18,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ..config import FineConfig, RefineConfig
-from ..ops.native.kernels import (box_adam, fold_penalty_and_gradient, lncc_and_derivative, on_cpu,
-                          trilinear_with_slopes, warped_ssd_and_gradient)
-from ..ops.filters import SPATIAL, box_filter, forward_difference
-from ..ops.jacobians import det3
-from ..ops.warp import CORNERS, identity_grid, resize, trilinear_corners
-
-
-def _use_hand_gradient(function, value_and_gradient, nondiff_argnums=()) -> None:
-    """Give `function` (a ``jax.custom_vjp``) the gradient that ``value_and_gradient(*args)`` returns
-    with the value: wrt the first argument, zero for the other differentiable arguments."""
-
-    def forward(*args):
-        value, gradient = value_and_gradient(*args)
-        others = [arg for i, arg in enumerate(args) if i > 0 and i not in nondiff_argnums]
-        return value, (gradient, others)
-
-    def backward(*args):  # the nondiff arguments, then the residuals and the cotangent
-        (gradient, others), cotangent = args[-2:]
-        return (cotangent * gradient, *(jax.tree_util.tree_map(jnp.zeros_like, arg) for arg in others))
-
-    function.defvjp(forward, backward)
-
-
-def _corner_index(disp, shape):
-    """The flat index (8, x, y, z) in a grid of `shape` of the eight trilinear corners of
-    ``x + disp(x)``, corner-major (corners outside point at ``prod(shape)``, an all-zero row the
-    callers append), and the per-axis weights of each corner."""
-    corners = trilinear_corners(identity_grid(disp.shape[1:]) + disp, shape, "zeros")
-    outside = shape[0] * shape[1] * shape[2]
-    return jnp.stack([jnp.where(valid, flat, outside) for flat, _, valid in corners]), [w for _, w, _ in corners]
-
-
-def _corner_samples(disp, moving):
-    """The eight trilinear corners of `moving` (X, Y, Z) or (X, Y, Z, C) at ``x + disp(x)``:
-    (samples (8, x, y, z) + channels, per-axis weights per corner); zeros outside the grid.
-
-    One gather of C-channel rows through one index array (22 % faster on CPU than eight gathers
-    recomputing their indices). Corner-major: writing an index that interleaves the 8 corners of each
-    cell made a full-resolution step about 15 % slower.
-    """
-    channels = moving.shape[3:]
-    index, weights = _corner_index(disp, moving.shape[:3])
-    flat_moving = jnp.concatenate([moving.reshape((-1,) + channels), jnp.zeros((1,) + channels, moving.dtype)])
-    return flat_moving.at[index].get(mode="promise_in_bounds"), weights
-
-
-def _corner_samples_by_channel(disp, moving):
-    """:func:`_corner_samples` of a channels-last (X, Y, Z, C) `moving` as (C, 8, x, y, z): one scalar
-    gather per channel through the shared index, instead of one gather of C-float rows."""
-    index, weights = _corner_index(disp, moving.shape[:3])
-    by_channel = jnp.moveaxis(moving, -1, 0).reshape(moving.shape[-1], -1)
-    flat_moving = jnp.pad(by_channel, ((0, 0), (0, 1)))
-    return jax.vmap(lambda channel: channel.at[index].get(mode="promise_in_bounds"))(flat_moving), weights
-
-
-def _corner_slopes(weights, axis: int) -> list:
-    """Per corner, the (x, y, z) derivative of its trilinear weight along `axis`."""
-    slopes = []
-    for bits, w in zip(CORNERS, weights):
-        others = [w[j] for j in range(3) if j != axis]
-        slopes.append(others[0] * others[1] if bits[axis] else -(others[0] * others[1]))
-    return slopes
-
-
-def _interpolate(corners, weights):
-    """The trilinear value at ``x + disp(x)`` and its derivative along each axis, from the eight
-    corner samples `corners` (each broadcasting against its per-axis `weights`)."""
-    value = sum(w[0] * w[1] * w[2] * corner for corner, w in zip(corners, weights))
-    slopes = [sum(s * corner for corner, s in zip(corners, _corner_slopes(weights, axis))) for axis in range(3)]
-    return value, slopes
-
-
-def _sample_with_slopes(disp, moving):
-    """The JAX path of :func:`kernels.trilinear_with_slopes` (GPU, TPU, CPU without a compiler):
-    `moving` (X, Y, Z) or channels-last (X, Y, Z, C), the value and slopes shaped alike."""
-    samples, weights = _corner_samples(disp, moving)
-    if samples.ndim > 4:  # channels last: the per-cell weights broadcast over them
-        weights = [[w[..., None] for w in corner] for corner in weights]
-    return _interpolate(list(samples), weights)
-
-
-def _ssd_and_gradient(disp, moving, fixed):
-    """:func:`warped_ssd`'s value and gradient: the CPU kernel, or :func:`_ssd_and_gradient_jax`."""
-    return warped_ssd_and_gradient(disp, moving, fixed, _ssd_and_gradient_jax)
-
-
-def _ssd_and_gradient_jax(disp, moving, fixed):
-    """Mean over cells of sum over channels of (moving(x+disp) - fixed)^2, and its gradient wrt disp.
-
-    disp (3, x, y, z) in cells; moving, fixed (x, y, z, C) channels-last; zeros outside the grid.
-    The value and the exact derivative of the trilinear interpolation come from the same samples.
-    CPU programs gather C-channel rows; other platforms gather channel by channel. Measured on an
-    H200 (jax 0.11.2, 80x112x96 cells, 13 channels): 0.75 ms against 2.3 ms per call, and the 40
-    feature steps 36 ms against 207 ms, compiled in seconds instead of 56 s (next to the fold penalty,
-    XLA's GPU fusion of the row gather went wrong). On this CPU the rows are 2x faster (186 against
-    361 ms per call).
-    """
-    return jax.lax.platform_dependent(disp, moving, fixed, cpu=_ssd_and_gradient_rows,
-                                      default=_ssd_and_gradient_by_channel)
-
-
-def _ssd_and_gradient_rows(disp, moving, fixed):
-    """:func:`_ssd_and_gradient_jax` from a row gather. The gradient along each axis is residual .
-    (derivative of the warped features along it): three reductions over the channels instead of one
-    per corner (eight short reductions took half a step)."""
-    warped, slopes = _sample_with_slopes(disp, moving)
-    return _ssd_from(warped - fixed, slopes, channel_axis=-1)
-
-
-def _ssd_and_gradient_by_channel(disp, moving, fixed):
-    """:func:`_ssd_and_gradient_jax` from one gather per channel, channels first throughout."""
-    samples, weights = _corner_samples_by_channel(disp, moving)
-    warped, slopes = _interpolate([samples[:, k] for k in range(samples.shape[1])], weights)
-    return _ssd_from(warped - jnp.moveaxis(fixed, -1, 0), slopes, channel_axis=0)
-
-
-def _ssd_from(residual, slopes, channel_axis: int):
-    """The mean over cells of the summed squared `residual`, and its gradient from the `slopes`."""
-    count = float(residual.size // residual.shape[channel_axis])
-    gradient = jnp.stack([jnp.sum(residual * slope, axis=channel_axis) for slope in slopes])
-    return jnp.sum(residual * residual) / count, gradient * (2.0 / count)
-
-
-def fixed_window_statistics(fixed: jnp.ndarray, window: int):
-    """(fixed, its local mean, its local variance) over `window`^3 boxes: what the local NCC needs of
-    the fixed image, computed once per registration instead of once per step."""
-    mean, square = box_filter(jnp.stack([fixed, fixed * fixed]), window)
-    return fixed, mean, square - mean * mean
-
-
-LNCC_EPSILON = 1e-5  # keeps flat regions (both local variances ~0) from dividing by zero
-
-
-def _lncc_and_derivative(warped, fixed_stats, window: int):
-    """``1 - mean_x cc(x)`` and its derivative wrt the warped image, cc = local squared NCC of the
-    fixed image and `warped` over `window`^3 boxes (zero-padded means): the CPU kernel or
-    :func:`_lncc_and_derivative_jax`."""
-    jax_path = functools.partial(_lncc_and_derivative_jax, window=window)
-    return lncc_and_derivative(warped, *fixed_stats, window, LNCC_EPSILON, jax_path)
-
-
-def _lncc_and_derivative_jax(warped, fixed, fixed_mean, fixed_var, window: int):
-    """:func:`_lncc_and_derivative` as XLA code.
-
-    With A the local covariance and B, C the local variances of fixed and warped, cc = A^2 / (B C + eps).
-    The derivative is a sum of box filters, the zero-padded box filter being self-adjoint.
-    """
-    mean, square, product = box_filter(jnp.stack([warped, warped * warped, fixed * warped]), window)
-    cross = product - fixed_mean * mean
-    denominator = fixed_var * (square - mean * mean) + LNCC_EPSILON
-    cc = cross * cross / denominator
-    d_cross = 2.0 * cross / denominator  # d cc / d cross
-    d_var = -cc * fixed_var / denominator  # d cc / d (local variance of warped)
-    back = box_filter(jnp.stack([d_cross, d_cross * fixed_mean, d_var, d_var * mean]), window)
-    count = float(warped.size)
-    derivative = -(fixed * back[0] - back[1] + 2.0 * (warped * back[2] - back[3])) / count
-    return 1.0 - jnp.sum(cc) / count, derivative
-
-
-def _intensity_loss_and_gradient(disp, moving, fixed_stats, weights):
-    """The full-resolution level's data term and its gradient wrt disp, from ONE gather of the
-    moving image: ``ssd_weight * mean (M(x+u) - F)^2 + ncc_weight * (1 - mean local NCC^2)``.
-
-    `moving` (X, Y, Z); `fixed_stats` from :func:`fixed_window_statistics`; `weights` is
-    (ssd_weight, ncc_weight, window). The chain rule through the trilinear interpolation uses the
-    same corner samples as the value.
-    """
-    ssd_weight, ncc_weight, window = weights
-    fixed = fixed_stats[0]
-    warped, slopes = trilinear_with_slopes(disp, moving, _sample_with_slopes)
-    loss, derivative = 0.0, 0.0
-    if ssd_weight > 0:
-        residual = warped - fixed
-        loss = ssd_weight * jnp.sum(residual * residual) / warped.size
-        derivative = (2.0 * ssd_weight / warped.size) * residual
-    if ncc_weight > 0:
-        lncc, d_lncc = _lncc_and_derivative(warped, fixed_stats, window)
-        loss = loss + ncc_weight * lncc
-        derivative = derivative + ncc_weight * d_lncc
-    return loss, jnp.stack([derivative * slope for slope in slopes])
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def intensity_loss(disp: jnp.ndarray, moving: jnp.ndarray, fixed_stats, weights) -> jnp.ndarray:
-    """:func:`_intensity_loss_and_gradient`'s value, differentiable in `disp` only."""
-    return _intensity_loss_and_gradient(disp, moving, fixed_stats, weights)[0]
-
-
-_use_hand_gradient(intensity_loss, _intensity_loss_and_gradient, nondiff_argnums=(3,))
-
-
-@jax.custom_vjp
-def warped_ssd(disp: jnp.ndarray, moving: jnp.ndarray, fixed: jnp.ndarray) -> jnp.ndarray:
-    """Feature SSD of ``moving(x + disp(x))`` against `fixed` (differentiable in `disp` only)."""
-    return _ssd_and_gradient(disp, moving, fixed)[0]
-
-
-_use_hand_gradient(warped_ssd, _ssd_and_gradient)
-
+from ..config import RefineConfig
+from ..ops.filters import avg_pool, box_filter
+from ..ops.native.dispatch import by_platform, on_cpu
+from ..ops.native.kernels import box_adam
+from ..ops.warp import resize
+from .losses import diffusion_penalty, fold_penalty, warped_ssd
 
 SMOOTHING_WIDTH = 3  # smooth_grid's box; the kernel path's hand transpose filters with the same one
 
@@ -236,88 +35,20 @@ def smooth_grid(params: jnp.ndarray, passes: int) -> jnp.ndarray:
     return params
 
 
-def diffusion_penalty(disp: jnp.ndarray) -> jnp.ndarray:
-    """Sum over the three axes of the mean squared forward difference (all channels)."""
-    return sum(jnp.mean(forward_difference(disp, axis) ** 2) for axis in SPATIAL)
-
-
-def _next_along(x: jnp.ndarray, axis: int) -> jnp.ndarray:
-    """x[i+1] along `axis`, the last element repeated (so a forward difference ends in 0)."""
-    n = x.shape[axis]
-    return jnp.concatenate([jax.lax.slice_in_dim(x, 1, n, axis=axis), jax.lax.slice_in_dim(x, n - 1, n, axis=axis)], axis)
-
-
-def _previous_along(x: jnp.ndarray, axis: int) -> jnp.ndarray:
-    """x[i-1] along `axis`, 0 before the first element."""
-    widths = [(1, 0) if a == axis % x.ndim else (0, 0) for a in range(x.ndim)]
-    return jnp.pad(jax.lax.slice_in_dim(x, 0, x.shape[axis] - 1, axis=axis), widths)
-
-
-def _cross(a, b):
-    return [a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]]
-
-
-def _fold_penalty_and_gradient(disp, margin):
-    """:func:`fold_penalty` and its gradient: the CPU kernel, or :func:`_fold_penalty_and_gradient_jax`."""
-    return fold_penalty_and_gradient(disp, margin, _fold_penalty_and_gradient_jax)
-
-
-def _fold_penalty_and_gradient_jax(disp, margin):
-    """:func:`fold_penalty` and its gradient wrt `disp`, one component array at a time.
-
-    Row a of J is the forward difference along axis a (+ e_a); the grid's last slab on each axis is
-    masked out, which is the crop to the common interior. d det / d row a is the cross product of
-    the other two rows (cofactors), and the transpose of a forward difference is a backward one.
-    """
-    shape = disp.shape[1:]
-    components = [disp[c] for c in range(3)]
-    rows = [[_next_along(components[c], a) - components[c] + (1.0 if a == c else 0.0) for c in range(3)]
-            for a in range(3)]
-    interior = None
-    for a in range(3):
-        below_last = jax.lax.broadcasted_iota(jnp.int32, shape, a) < shape[a] - 1
-        interior = below_last if interior is None else interior & below_last
-    count = float((shape[0] - 1) * (shape[1] - 1) * (shape[2] - 1))
-    shortfall = jnp.where(interior, jax.nn.relu(margin - det3(*rows)), 0.0)
-    weight = (-2.0 / count) * shortfall  # d penalty / d det
-    cofactors = [_cross(rows[1], rows[2]), _cross(rows[2], rows[0]), _cross(rows[0], rows[1])]
-    gradient = []
-    for c in range(3):
-        total = 0.0
-        for a in range(3):
-            flux = weight * cofactors[a][c]
-            total = total + _previous_along(flux, a) - flux
-        gradient.append(total)
-    return jnp.sum(shortfall * shortfall) / count, jnp.stack(gradient)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def fold_penalty(disp: jnp.ndarray, margin: float = 0.1) -> jnp.ndarray:
-    """Mean of ``relu(margin - det J)^2`` over the grid, J = I + grad(disp) (forward differences,
-    cropped to the common interior): zero where the map is locally invertible with some room to spare.
-
-    Hand-written gradient: XLA's autodiff of the determinant kept ~40 full-size intermediates alive
-    (1.1 GB of the full-resolution level's 2.5 GB) and ran slower.
-    """
-    return _fold_penalty_and_gradient(disp, margin)[0]
-
-
-_use_hand_gradient(fold_penalty, _fold_penalty_and_gradient, nondiff_argnums=(1,))
-
-
 ADAM = {"b1": 0.9, "b2": 0.999, "eps": 1e-8}  # optax.adam's defaults, written out for the CPU kernel
 
 
-def _adam(loss_of_smoothed, params: jnp.ndarray, passes: int, learning_rate: float, iterations: int) -> jnp.ndarray:
+def adam_on_smoothed(loss_of_smoothed, params: jnp.ndarray, passes: int, learning_rate: float,
+                     iterations: int) -> jnp.ndarray:
     """`iterations` optax.adam steps inside ``lax.scan`` on `params`, whose loss is
     ``loss_of_smoothed(smooth_grid(params, passes))``. Only gradients are taken: the loss values
-    would cost a full reduction per step (a tenth of a feature-level step) that Adam never reads.
+    would cost a full reduction per step that Adam never reads.
 
     CPU programs with the kernels apply the smoothing's transpose by hand (the zero-padded box
     average is its own transpose): `passes` box filters of the gradient wrt the smoothed field, the
-    last one fused with the update (:func:`_box_adam_update`). Everywhere else autodiff transposes the
-    smoothing, so GPU and TPU programs stay the ones measured on devices (on this CPU's pure JAX
-    path both ways take the same time: 10 full-resolution steps 4.44-4.51 against 4.27-4.54 s).
+    last one fused with the update (:func:`_box_adam_update`; :func:`_box_then_adam` where the
+    kernels fail to build). Everywhere else autodiff transposes the smoothing, so GPU and TPU
+    programs stay the ones measured on devices.
     """
     optimiser = optax.adam(learning_rate, **ADAM)
 
@@ -328,25 +59,65 @@ def _adam(loss_of_smoothed, params: jnp.ndarray, passes: int, learning_rate: flo
 
     def kernel_step(p, state):
         gradient = smooth_grid(jax.grad(loss_of_smoothed)(smooth_grid(p, passes)), passes - 1)
-        return _box_adam_update(gradient, p, state, learning_rate)
+        return on_cpu(functools.partial(_box_adam_update, learning_rate=learning_rate),
+                      functools.partial(_box_then_adam, optimiser=optimiser), gradient, p, state)
 
     def step(carry, _):
-        return (on_cpu(kernel_step, autodiff_step, *carry) if passes > 0 else autodiff_step(*carry)), None
+        return (by_platform(kernel_step, autodiff_step, *carry) if passes > 0 else autodiff_step(*carry)), None
 
     (params, _), _ = jax.lax.scan(step, (params, optimiser.init(params)), None, length=iterations)
     return params
 
 
+def _adam_moments_index(state) -> int:
+    """Where optax.adam's chained state keeps its moments: the index of its one ``ScaleByAdamState``.
+
+    The fused CPU step updates that entry and nothing else, and must return the state in optax's own
+    layout (the other platforms' branch steps with optax). So every other entry must hold no arrays
+    (the constant learning rate's ``EmptyState``); if a new optax keeps something there, stop here
+    rather than step differently from optax.
+    """
+    found = [i for i, entry in enumerate(state) if isinstance(entry, optax.ScaleByAdamState)] \
+        if isinstance(state, tuple) else []
+    rest = [entry for i, entry in enumerate(state) if i not in found] if found else state
+    if len(found) != 1 or jax.tree_util.tree_leaves(rest):
+        raise RuntimeError(
+            f"optax {optax.__version__} lays out optax.adam's state as {jax.tree_util.tree_structure(state)}, "
+            "not as one ScaleByAdamState beside stateless entries: jaxreg's fused CPU Adam step would step "
+            "differently from optax. Install an optax whose adam state has that layout, or set JAXREG_NATIVE=0.")
+    return found[0]
+
+
+def _box_then_adam(gradient, params, state, optimiser):
+    """What :func:`_box_adam_update` computes, as XLA code: the step where the kernels cannot be built."""
+    updates, state = optimiser.update(box_filter(gradient, SMOOTHING_WIDTH), state, params)
+    return optax.apply_updates(params, updates), state
+
+
 def _box_adam_update(gradient, params, state, learning_rate: float):
     """(params, state) after one optax.adam step (:data:`ADAM`) whose gradient is the zero-padded
     SMOOTHING_WIDTH^3 box average of `gradient`, filtered and applied in one pass by the CPU kernel
-    (:func:`kernels.box_adam`; CPU programs only). `state` is optax.adam's."""
-    adam, rest = state
+    (:func:`kernels.box_adam`; CPU programs only). `state` is optax.adam's, returned in its layout."""
+    index = _adam_moments_index(state)
+    adam = state[index]
     count = optax.safe_increment(adam.count)
     corrections = jnp.stack([1 - ADAM["b1"] ** count, 1 - ADAM["b2"] ** count])  # as optax forms them
     coefficients = (1 - ADAM["b1"], ADAM["b1"], 1 - ADAM["b2"], ADAM["b2"], ADAM["eps"], -learning_rate)
     mu, nu, params = box_adam(gradient, corrections, (adam.mu, adam.nu), params, SMOOTHING_WIDTH, coefficients)
-    return params, (adam._replace(count=count, mu=mu, nu=nu), rest)
+    return params, state[:index] + (adam._replace(count=count, mu=mu, nu=nu),) + state[index + 1:]
+
+
+def with_intensity_channel(features: jnp.ndarray, image: jnp.ndarray, config: RefineConfig,
+                           use_intensity=True) -> jnp.ndarray:
+    """The (C, x, y, z) features the feature level matches: `features` (MIND-SSC pooled by
+    ``config.grid_spacing``), plus the pooled [0, 1] `image` times ``config.intensity_weight`` as one
+    more channel when that is > 0 (an intensity SSD term next to MIND, for same-contrast pairs).
+    Where `use_intensity` is False the channel is all zeros, so one program serves pairs whose
+    contrasts agree and pairs whose contrasts differ."""
+    if config.intensity_weight <= 0:
+        return features
+    weight = jnp.where(use_intensity, config.intensity_weight, 0.0)
+    return jnp.concatenate([features, weight * avg_pool(image, config.grid_spacing)[None]])
 
 
 def refine(fixed_cells: jnp.ndarray, moving_cells: jnp.ndarray, init_disp: jnp.ndarray, config: RefineConfig):
@@ -371,33 +142,7 @@ def refine(fixed_cells: jnp.ndarray, moving_cells: jnp.ndarray, init_disp: jnp.n
         return loss_of_smoothed(smooth_grid(p, config.smoothing_passes))
 
     start = resize(init_disp, cell_shape) / spacing
-    params = _adam(loss_of_smoothed, start, config.smoothing_passes, config.learning_rate, config.iterations)
+    params = adam_on_smoothed(loss_of_smoothed, start, config.smoothing_passes, config.learning_rate,
+                              config.iterations)
     disp = smooth_grid(params, config.smoothing_passes) * spacing
     return resize(disp, full_shape), jnp.stack([loss_fn(start), loss_fn(params)])
-
-
-def refine_fine(fixed: jnp.ndarray, moving: jnp.ndarray, init_disp: jnp.ndarray, config: FineConfig) -> jnp.ndarray:
-    """Full-resolution intensity level: `init_disp` plus a smoothed residual that Adam optimises.
-
-    The diffusion penalty acts on the residual only, so the level adds detail without relaxing the
-    feature level's field; the fold penalty acts on the sum. `fixed`, `moving`: (X, Y, Z) images
-    normalised to [0, 1]. Returns the displacement.
-    """
-    if config.ncc_weight > 0:
-        fixed_stats = fixed_window_statistics(fixed, config.ncc_window)
-    else:
-        fixed_stats = (fixed,)
-    # intensity_weight scales the intensities, so the SSD's coefficient is its square
-    weights = (config.intensity_weight ** 2, config.ncc_weight, config.ncc_window)
-
-    def loss_of_smoothed(residual):
-        disp = init_disp + residual
-        loss = intensity_loss(disp, moving, fixed_stats, weights)
-        loss = loss + config.diffusion_weight * diffusion_penalty(residual)
-        if config.fold_weight > 0:
-            loss = loss + config.fold_weight * fold_penalty(disp, config.fold_margin)
-        return loss
-
-    residual = _adam(loss_of_smoothed, jnp.zeros_like(init_disp), config.smoothing_passes, config.learning_rate,
-                     config.iterations)
-    return init_disp + smooth_grid(residual, config.smoothing_passes)
