@@ -1,131 +1,210 @@
-"""The registration program: one jitted function chaining the pure stages, and its host wrappers.
+"""The registration program: an ordered tuple of stages folded over a small state, jitted as one.
 
-Data flow: normalise -> (affine) -> MIND-SSC features -> coarse discrete search -> Adam refinement
--> upsample -> (full-resolution intensity level) -> compose with the affine into ONE voxel
-displacement on the fixed grid (LUMIR convention ``moved(x) = moving(x + disp(x))``, channel c along
-array axis c) -> (fold repair).
+Data flow: normalise -> (affine) -> MIND-SSC features -> coarse discrete search -> (same-contrast
+guard) -> Adam refinement on the features -> (full-resolution intensity level) -> (compose with the
+affine) -> (fold repair) -> outputs. The field is ONE voxel displacement on the fixed grid (LUMIR
+convention ``moved(x) = moving(x + disp(x))``, channel c along array axis c).
+
+:func:`stages` builds the tuple from a config, leaving out the stages it turns off; each stage is a
+pure function :class:`State` -> :class:`State`. :func:`_program` is :func:`start`, the fold, then
+:func:`finish`, and ``jaxreg benchmark`` times exactly these pieces one by one.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .config import RegistrationConfig
-from .ops.filters import avg_pool
+from .ops.intensity import ncc, normalise
 from .ops.warp import affine_coordinates, compose_affine, resize, sample, warp, warp_field
 from .stages.affine import affine_search
 from .stages.coarse import coarse_search
+from .stages.contrast import contrasts_agree, guards
 from .stages.features import mind_ssc_pooled
-from .stages.refine import refine, refine_fine
+from .stages.fine import refine_fine
+from .stages.refine import refine, with_intensity_channel
 from .stages.unfold import unfold
 
 IDENTITY_AFFINE = np.eye(3, 4, dtype=np.float32)
 
 
+class State(NamedTuple):
+    """What one stage hands to the next: arrays only (a pytree), so a stage can be jitted alone.
 
-def normalise(image: jnp.ndarray) -> jnp.ndarray:
-    """Rescale intensities to [0, 1] (min -> 0, max -> 1); a constant image becomes all zeros."""
-    low, high = image.min(), image.max()
-    return (image - low) / jnp.maximum(high - low, 1e-6)
+    ``disp`` is (3, X, Y, Z) voxels on the fixed grid, pulling ``moving_aligned`` until the compose
+    stage and ``moving_n`` after it. The features are MIND-SSC pooled by :func:`feature_spacing`
+    (None until the features stage). ``losses`` is the feature level's loss before and after its Adam
+    steps ((0,) without it); ``contrast_ncc`` is NaN where the config has no same-contrast guard.
+    """
 
-
-def ncc(a: jnp.ndarray, b: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.ndarray:
-    """Normalised cross-correlation (1 = identical up to a linear intensity map), over `mask` if given."""
-    weight = jnp.ones_like(a) if mask is None else mask.astype(a.dtype)
-    count = jnp.maximum(jnp.sum(weight), 1.0)
-    a = (a - jnp.sum(a * weight) / count) * weight
-    b = (b - jnp.sum(b * weight) / count) * weight
-    return jnp.sum(a * b) / jnp.maximum(jnp.sqrt(jnp.sum(a * a) * jnp.sum(b * b)), 1e-12)
-
-
-def refinement_features(image: jnp.ndarray, config: RegistrationConfig, use_intensity=True) -> jnp.ndarray:
-    """(C, x, y, z) features the refinement matches: MIND-SSC pooled by ``refine.grid_spacing``, plus
-    the pooled image times ``refine.intensity_weight`` as one more channel when that is > 0 (an
-    intensity SSD term next to MIND, for same-contrast pairs; all zeros where `use_intensity` is False,
-    so the same program serves pairs whose contrasts differ)."""
-    spacing = config.refine.grid_spacing
-    stack = mind_ssc_pooled(image, config.features.radius, config.features.dilation, spacing)
-    if config.refine.intensity_weight > 0:
-        weight = jnp.where(use_intensity, config.refine.intensity_weight, 0.0)
-        stack = jnp.concatenate([stack, weight * avg_pool(image, spacing)[None]])
-    return stack
+    fixed_n: jnp.ndarray
+    moving_n: jnp.ndarray
+    moving_aligned: jnp.ndarray
+    matrix: jnp.ndarray
+    disp: jnp.ndarray
+    fixed_features: jnp.ndarray | None
+    moving_features: jnp.ndarray | None
+    losses: jnp.ndarray
+    contrast_ncc: jnp.ndarray
+    use_intensity: jnp.ndarray
+    unfold_rounds: jnp.ndarray
+    folding_voxels: jnp.ndarray
 
 
-def contrasts_agree(fixed_n: jnp.ndarray, moving_n: jnp.ndarray, disp: jnp.ndarray, config: RegistrationConfig):
-    """(brain NCC of fixed and moved, whether the intensity terms may be used): see
-    ``RefineConfig.intensity_min_ncc``. The NCC is NaN when the preset has no guard."""
-    uses_intensity = config.refine.intensity_weight > 0 or config.fine.enabled
-    if not uses_intensity or config.refine.intensity_min_ncc <= -1:
-        return jnp.float32(jnp.nan), jnp.bool_(True)
-    agreement = ncc(fixed_n, warp(moving_n, disp), fixed_n > 0)
-    return agreement, agreement >= config.refine.intensity_min_ncc
+class Outputs(NamedTuple):
+    """What the compiled program returns (every field gains a leading pair axis when batched)."""
+
+    disp: jnp.ndarray  # (3, X, Y, Z) voxels, LUMIR convention
+    affine: jnp.ndarray  # (3, 4) fixed voxel -> moving voxel; the identity without the affine stage
+    moved: jnp.ndarray  # the normalised moving image pulled through disp (border padding)
+    refine_loss: jnp.ndarray  # the feature level's loss before and after its Adam steps, or (0,)
+    contrast_ncc: jnp.ndarray  # brain NCC that the same-contrast guard judged (NaN: no guard)
+    intensity_used: jnp.ndarray  # whether the intensity terms ran
+    unfold_rounds: jnp.ndarray
+    folding_voxels: jnp.ndarray  # folding voxels left after the fold repair
+    ncc_before: jnp.ndarray
+    ncc_after: jnp.ndarray
 
 
-def _program(fixed, moving, init_disp, *, config: RegistrationConfig):
-    """The whole registration as one traced function. Returns a dict of arrays."""
-    shape = fixed.shape
-    fixed_n, moving_n = normalise(fixed), normalise(moving)
+class Stage(NamedTuple):
+    """One step of the program: a name, a pure function State -> State and a line for reports."""
 
-    if config.affine.enabled:
-        matrix = affine_search(fixed_n, moving_n, config.affine)
-        moving_aligned = sample(moving_n, affine_coordinates(matrix, shape), "border")
+    name: str
+    apply: Callable[[State], State]
+    description: str = ""
+
+
+def feature_spacing(config: RegistrationConfig) -> int:
+    """The pooling factor of the shared MIND-SSC features: the coarse grid's, else the refinement's."""
+    return config.coarse.grid_spacing if config.coarse.enabled else config.refine.grid_spacing
+
+
+def _mind(image: jnp.ndarray, config: RegistrationConfig, spacing: int) -> jnp.ndarray:
+    return mind_ssc_pooled(image, config.features.radius, config.features.dilation, spacing)
+
+
+def _affine_stage(state: State, *, config: RegistrationConfig) -> State:
+    matrix = affine_search(state.fixed_n, state.moving_n, config.affine)
+    moving_aligned = sample(state.moving_n, affine_coordinates(matrix, state.fixed_n.shape), "border")
+    return state._replace(matrix=matrix, moving_aligned=moving_aligned)
+
+
+def _features_stage(state: State, *, config: RegistrationConfig) -> State:
+    # computed once for the coarse search and the feature level when they pool alike
+    spacing = feature_spacing(config)
+    return state._replace(fixed_features=_mind(state.fixed_n, config, spacing),
+                          moving_features=_mind(state.moving_aligned, config, spacing))
+
+
+def _coarse_stage(state: State, *, config: RegistrationConfig, with_init: bool) -> State:
+    if with_init:  # with a starting field, the coarse search looks for what remains after it
+        moving_features = _mind(warp(state.moving_aligned, state.disp), config, config.coarse.grid_spacing)
     else:
-        matrix = jnp.asarray(IDENTITY_AFFINE)
-        moving_aligned = moving_n
+        moving_features = state.moving_features
+    step = resize(coarse_search(state.fixed_features, moving_features, config.coarse), state.fixed_n.shape)
+    # new field: first the coarse step, then the starting field: x -> x + s(x) + d(x + s(x))
+    disp = step + warp_field(state.disp, step, "border") if with_init else step
+    return state._replace(disp=disp)
 
-    radius, dilation = config.features.radius, config.features.dilation
 
-    def features(image, factor):
-        return mind_ssc_pooled(image, radius, dilation, factor)
+def _contrast_stage(state: State, *, config: RegistrationConfig) -> State:
+    contrast_ncc, use_intensity = contrasts_agree(state.fixed_n, state.moving_aligned, state.disp, config)
+    return state._replace(contrast_ncc=contrast_ncc, use_intensity=use_intensity)
 
-    disp = jnp.zeros((3,) + shape, jnp.float32) if init_disp is None else init_disp
-    if config.coarse.enabled:
-        # with a starting field, the coarse search looks for what remains after it
-        spacing = config.coarse.grid_spacing
-        start = moving_aligned if init_disp is None else warp(moving_aligned, init_disp)
-        step = coarse_search(features(fixed_n, spacing), features(start, spacing), config.coarse)
-        step = resize(step, shape)
-        # new field: first the coarse step, then the starting field: x -> x + s(x) + d(x + s(x))
-        disp = step if init_disp is None else step + warp_field(disp, step, "border")
-    # intensity terms only when the contrasts agree, judged after the contrast-blind coarse search
-    contrast_ncc, use_intensity = contrasts_agree(fixed_n, moving_aligned, disp, config)
-    losses = jnp.zeros((0,), jnp.float32)
-    if config.refine.enabled and config.refine.iterations > 0:
-        # same pooling factor as the coarse stage: XLA computes the MIND-SSC features once
-        fixed_f, moving_f = (refinement_features(image, config, use_intensity) for image in (fixed_n, moving_aligned))
-        disp, losses = refine(fixed_f, moving_f, disp, config.refine)
-    if config.fine.enabled and config.fine.iterations > 0:
-        disp = jax.lax.cond(use_intensity, lambda d: refine_fine(fixed_n, moving_aligned, d, config.fine),
-                            lambda d: d, disp)
 
-    total = compose_affine(matrix, disp) if config.affine.enabled else disp
-    unfold_rounds = folding_voxels = jnp.int32(0)
-    if config.unfold.rounds > 0:
-        total, unfold_rounds, folding_voxels = unfold(total, config.unfold)
-    moved = warp(moving_n, total, "border")
-    return {
-        "disp": total,
-        "affine": matrix,
-        "moved": moved,
-        "refine_loss": losses,
-        "contrast_ncc": contrast_ncc,
-        "intensity_used": use_intensity,
-        "unfold_rounds": unfold_rounds,
-        "folding_voxels": folding_voxels,
-        "ncc_before": ncc(fixed_n, moving_n),
-        "ncc_after": ncc(fixed_n, moved),
-    }
+def _refine_stage(state: State, *, config: RegistrationConfig) -> State:
+    if config.refine.grid_spacing == feature_spacing(config):
+        fixed_mind, moving_mind = state.fixed_features, state.moving_features
+    else:
+        fixed_mind, moving_mind = (_mind(image, config, config.refine.grid_spacing)
+                                   for image in (state.fixed_n, state.moving_aligned))
+    fixed_f = with_intensity_channel(fixed_mind, state.fixed_n, config.refine, state.use_intensity)
+    moving_f = with_intensity_channel(moving_mind, state.moving_aligned, config.refine, state.use_intensity)
+    disp, losses = refine(fixed_f, moving_f, state.disp, config.refine)
+    return state._replace(disp=disp, losses=losses)
+
+
+def _fine_stage(state: State, *, config: RegistrationConfig) -> State:
+    disp = jax.lax.cond(state.use_intensity,
+                        lambda d: refine_fine(state.fixed_n, state.moving_aligned, d, config.fine),
+                        lambda d: d, state.disp)
+    return state._replace(disp=disp)
+
+
+def _compose_stage(state: State) -> State:
+    return state._replace(disp=compose_affine(state.matrix, state.disp))
+
+
+def _unfold_stage(state: State, *, config: RegistrationConfig) -> State:
+    disp, rounds, voxels = unfold(state.disp, config.unfold)
+    return state._replace(disp=disp, unfold_rounds=rounds, folding_voxels=voxels)
+
+
+def stages(config: RegistrationConfig, *, with_init: bool = False) -> tuple[Stage, ...]:
+    """The program for `config` as an ordered tuple of stages, those it turns off left out.
+    `with_init`: the program starts from a given field (the coarse search then looks for the rest)."""
+    bind = functools.partial
+    refine_on = config.refine.enabled and config.refine.iterations > 0
+    chosen = [
+        (config.affine.enabled, Stage("affine", bind(_affine_stage, config=config), "12-DOF affine search")),
+        (config.coarse.enabled or refine_on,
+         Stage("features", bind(_features_stage, config=config), "MIND-SSC of both images, pooled")),
+        (config.coarse.enabled,
+         Stage("coarse", bind(_coarse_stage, config=config, with_init=with_init), "discrete search + upsample")),
+        (guards(config), Stage("contrast", bind(_contrast_stage, config=config), "same-contrast guard")),
+        (refine_on, Stage("refine", bind(_refine_stage, config=config),
+                          f"feature level, {config.refine.iterations} Adam steps")),
+        (config.fine.enabled and config.fine.iterations > 0,
+         Stage("fine", bind(_fine_stage, config=config), f"full-resolution level, {config.fine.iterations} Adam steps")),
+        (config.affine.enabled, Stage("compose", _compose_stage, "field composed with the affine")),
+        (config.unfold.rounds > 0, Stage("unfold", bind(_unfold_stage, config=config), "fold repair")),
+    ]
+    return tuple(stage for enabled, stage in chosen if enabled)
+
+
+def start(fixed: jnp.ndarray, moving: jnp.ndarray, init_disp: jnp.ndarray | None) -> State:
+    """The state before the first stage: both images normalised to [0, 1], the starting field (zero
+    without one), no affine, and the intensity terms allowed until a guard says otherwise."""
+    fixed_n, moving_n = normalise(fixed), normalise(moving)
+    return State(fixed_n=fixed_n, moving_n=moving_n, moving_aligned=moving_n, matrix=jnp.asarray(IDENTITY_AFFINE),
+                 disp=jnp.zeros((3,) + fixed.shape, jnp.float32) if init_disp is None else init_disp,
+                 fixed_features=None, moving_features=None, losses=jnp.zeros((0,), jnp.float32),
+                 contrast_ncc=jnp.float32(jnp.nan), use_intensity=jnp.bool_(True),
+                 unfold_rounds=jnp.int32(0), folding_voxels=jnp.int32(0))
+
+
+def finish(state: State) -> Outputs:
+    """The program's outputs: the field, the moved image and the figures of the summary."""
+    moved = warp(state.moving_n, state.disp, "border")
+    return Outputs(disp=state.disp, affine=state.matrix, moved=moved, refine_loss=state.losses,
+                   contrast_ncc=state.contrast_ncc, intensity_used=state.use_intensity,
+                   unfold_rounds=state.unfold_rounds, folding_voxels=state.folding_voxels,
+                   ncc_before=ncc(state.fixed_n, state.moving_n), ncc_after=ncc(state.fixed_n, moved))
+
+
+def _program(fixed, moving, init_disp, *, config: RegistrationConfig) -> Outputs:
+    """The whole registration as one traced function: start, every stage in order, finish."""
+    state = start(fixed, moving, init_disp)
+    for stage in stages(config, with_init=init_disp is not None):
+        state = stage.apply(state)
+    outputs = finish(state)
+    if init_disp is not None:  # "before" is the starting field: what the refinement has to beat
+        outputs = outputs._replace(ncc_before=ncc(state.fixed_n, warp(state.moving_n, init_disp, "border")))
+    return outputs
 
 
 program = jax.jit(_program, static_argnames=("config",))
 
 
-def _batched_program(fixed, moving, *, config: RegistrationConfig):
+def _batched_program(fixed, moving, *, config: RegistrationConfig) -> Outputs:
     """`_program` over a leading pair axis: (B, X, Y, Z) stacks in, every output gains the B axis."""
     return jax.vmap(lambda f, m: _program(f, m, None, config=config))(fixed, moving)
 
 
 batched_program = jax.jit(_batched_program, static_argnames=("config",))
-

@@ -17,7 +17,8 @@ import numpy as np
 from .compilation import compiled_program
 from .config import RegistrationConfig, load_config
 from .errors import InputError
-from .io import check_finite, load_field, load_labels, load_volume, save_field, save_volume
+from .io import (check_finite, check_not_blank, load_field, load_labels, load_volume, save_field, save_volume,
+                 stored_dtype)
 
 log = logging.getLogger(__name__)
 
@@ -79,16 +80,18 @@ def _as_volume(x, what: str) -> np.ndarray:
 
 
 def check_pair(fixed: np.ndarray, moving: np.ndarray) -> None:
-    """Fixed and moving must share one 3-D grid large enough for the pyramid."""
+    """Fixed and moving must share one 3-D grid large enough for the pyramid, and each hold a brain."""
     if fixed.shape != moving.shape:
         raise InputError(f"fixed image is {fixed.shape} but moving image is {moving.shape}: "
                          "both must be on the same grid (bring them into LUMIR geometry first).")
     if min(fixed.shape) < MIN_SIZE:
         raise InputError(f"images of shape {fixed.shape} are too small: every axis needs >= {MIN_SIZE} voxels.")
+    check_not_blank(fixed, "fixed image")
+    check_not_blank(moving, "moving image")
 
 
 def register(fixed, moving, *, preset: str | PathLike = "lumir", overrides=(),
-             config: RegistrationConfig | None = None, init_disp=None) -> RegistrationResult:
+             config: RegistrationConfig | None = None, init_disp=None, progress=None) -> RegistrationResult:
     """Register `moving` to `fixed` and return the displacement field and a summary.
 
     Arguments:
@@ -97,10 +100,12 @@ def register(fixed, moving, *, preset: str | PathLike = "lumir", overrides=(),
         overrides: ``stage.key=value`` strings applied on top of the preset.
         config: a ready :class:`RegistrationConfig` (wins over `preset` and `overrides`).
         init_disp: optional starting field (3,X,Y,Z) / (X,Y,Z,3) array or NIfTI path, LUMIR convention.
+        progress: optional callable, called with the name of each step as it starts
+            (``compiling``, ``registering``; :func:`register_files` adds ``loading``, ``writing``).
 
     Returns:
         :class:`RegistrationResult` with ``disp`` (3, X, Y, Z) in voxels, ``moved`` (moving image
-        pulled through ``disp``, normalised to [0, 1]), the affine and a summary dict.
+        pulled through ``disp``, normalised to [0, 1]), the affine and a :class:`Summary`.
 
     Raises:
         InputError: unreadable files, wrong shapes, non-finite voxels.
@@ -121,50 +126,57 @@ def register(fixed, moving, *, preset: str | PathLike = "lumir", overrides=(),
             if init.shape != (3,) + fixed_a.shape:
                 raise InputError(f"initial field has shape {init.shape}: expected (3,)+{fixed_a.shape} or {fixed_a.shape}+(3,).")
             check_finite(init, "initial field")
-    return run_program(config, fixed_a, moving_a, init)
+    return run_program(config, fixed_a, moving_a, init, progress=progress)
 
 
 def run_program(config: RegistrationConfig, fixed: np.ndarray, moving: np.ndarray, init: np.ndarray | None,
-                device=None) -> RegistrationResult:
+                device=None, progress=None) -> RegistrationResult:
     """Run the compiled program on checked arrays (on `device`, default: JAX's default device) and
-    gather the result and its summary."""
+    gather the result and its summary. `progress`: see :func:`register`."""
+    step = progress or (lambda name: None)
+    step("compiling")
     executable, compile_seconds = compiled_program(config, fixed.shape, init is not None, device)
+    step("registering")
     start = time.perf_counter()
     inputs = [None if a is None else jax.device_put(a, device) for a in (fixed, moving, init)]
     out = jax.device_get(jax.block_until_ready(executable(*inputs)))
     seconds = time.perf_counter() - start
-    losses = np.asarray(out["refine_loss"])
+    losses = np.asarray(out.refine_loss)
     summary = Summary(
         preset=config.name,
         seconds=seconds,
         compile_seconds=compile_seconds,
-        ncc_before=float(out["ncc_before"]),
-        ncc_after=float(out["ncc_after"]),
+        ncc_before=float(out.ncc_before),
+        ncc_after=float(out.ncc_after),
         refine_loss_first=float(losses[0]) if losses.size else None,
         refine_loss_last=float(losses[-1]) if losses.size else None,
-        max_displacement_vox=float(np.abs(out["disp"]).max()),
-        contrast_ncc=None if np.isnan(out["contrast_ncc"]) else float(out["contrast_ncc"]),
-        intensity_terms_used=bool(out["intensity_used"]),
-        unfold_rounds=int(out["unfold_rounds"]),
-        folding_voxels=int(out["folding_voxels"]),
+        max_displacement_vox=float(np.abs(out.disp).max()),
+        contrast_ncc=None if np.isnan(out.contrast_ncc) else float(out.contrast_ncc),
+        intensity_terms_used=bool(out.intensity_used),
+        unfold_rounds=int(out.unfold_rounds),
+        folding_voxels=int(out.folding_voxels),
     )
     log.info("registered in %.1f s (+ %.1f s compilation)", seconds, compile_seconds)
-    return RegistrationResult(disp=np.asarray(out["disp"], np.float32), moved=np.asarray(out["moved"], np.float32),
-                              affine=np.asarray(out["affine"]), config=config, summary=summary)
+    return RegistrationResult(disp=np.asarray(out.disp, np.float32), moved=np.asarray(out.moved, np.float32),
+                              affine=np.asarray(out.affine), config=config, summary=summary)
 
 
 def register_files(fixed_path, moving_path, output, *, moved_output=None, warp_labels=(), preset="lumir",
-                   overrides=(), config: RegistrationConfig | None = None, init_disp=None) -> tuple[RegistrationResult, dict]:
+                   overrides=(), config: RegistrationConfig | None = None, init_disp=None,
+                   progress=None) -> tuple[RegistrationResult, dict]:
     """Register two NIfTI files and write the LUMIR field (and optionally the moved image and warped
     label maps). Everything is read and checked before anything is computed or written.
 
     `warp_labels` is a sequence of (moving label map path, output path); label maps are warped with
     nearest neighbour exactly as the LUMIR evaluator does. The summary gains ``ndv_percent`` (fixed
-    image mask). Returns (result, {what: path written}).
+    image mask); warped label maps keep the dtype of their file. `progress`: see :func:`register`.
+    Returns (result, {what: path written}).
     """
     from .evaluation.metrics import ndv  # host-side, scipy; imported late to keep startup light
     from .evaluation.metrics import warp_labels as warp_nearest
 
+    step = progress or (lambda name: None)
+    step("loading")
     fixed, fixed_vox2world = load_volume(fixed_path, "fixed image")
     moving, _ = load_volume(moving_path, "moving image")
     check_pair(fixed, moving)
@@ -173,16 +185,18 @@ def register_files(fixed_path, moving_path, output, *, moved_output=None, warp_l
         labels = load_labels(source, "moving label map")
         if labels.shape != moving.shape:
             raise InputError(f"label map '{source}' is {labels.shape} but the moving image is {moving.shape}.")
-        label_maps.append((labels, target))
-    result = register(fixed, moving, preset=preset, overrides=overrides, config=config, init_disp=init_disp)
+        label_maps.append((labels, target, stored_dtype(source)))
+    result = register(fixed, moving, preset=preset, overrides=overrides, config=config, init_disp=init_disp,
+                      progress=progress)
     ndv_percent = float(ndv(result.disp, fixed > 0))  # LUMIR25 mask: fixed image > 0
     result = replace(result, summary=replace(result.summary, ndv_percent=ndv_percent))
+    step("writing")
     written = {"disp": save_field(result.disp, output, fixed_vox2world)}
     if moved_output is not None:
         low, high = float(moving.min()), float(moving.max())
         moved = result.moved * max(high - low, 1e-6) + low
         written["moved"] = save_volume(moved, moved_output, fixed_vox2world, np.float32)
-    for labels, target in label_maps:
+    for labels, target, dtype in label_maps:
         warped = warp_nearest(labels, result.disp)
-        written[f"labels:{target}"] = save_volume(warped, target, fixed_vox2world, np.int32)
+        written[f"labels:{target}"] = save_volume(warped, target, fixed_vox2world, dtype)
     return result, written

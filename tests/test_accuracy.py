@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-import jaxreg  # noqa: F401
 from jaxreg.config import ConfigError, RefineConfig, load_config
 from jaxreg.stages.features import mind_ssc_pooled
 from jaxreg.ops.filters import avg_pool
@@ -69,7 +68,7 @@ def _folds(disp):
 
 
 def test_fold_penalty_is_zero_for_smooth_fields_and_positive_for_a_fold():
-    from jaxreg.stages.refine import fold_penalty
+    from jaxreg.stages.losses import fold_penalty
     assert float(fold_penalty(jnp.zeros((3, 6, 6, 6)))) == 0.0
     folded = np.zeros((3, 6, 6, 6), np.float32)
     folded[0, 3:] = -2.0  # x -> x - 2 beyond row 3: the map runs backwards across the step
@@ -78,7 +77,7 @@ def test_fold_penalty_is_zero_for_smooth_fields_and_positive_for_a_fold():
 
 def test_fold_penalty_gradient_matches_autodiff_of_the_cropped_definition():
     """The hand-written gradient against JAX autodiff of the definition written out directly."""
-    from jaxreg.stages.refine import fold_penalty
+    from jaxreg.stages.losses import fold_penalty
 
     def reference(disp, margin):
         x, y, z = (n - 1 for n in disp.shape[1:])
@@ -116,7 +115,7 @@ def test_fold_weight_removes_most_folds_of_a_weakly_regularised_refinement():
 
 
 def test_fold_margin_penalises_cells_whose_jacobian_falls_below_it():
-    from jaxreg.stages.refine import fold_penalty
+    from jaxreg.stages.losses import fold_penalty
     squeeze = np.zeros((3, 6, 6, 6), np.float32)
     squeeze[0] = -0.8 * np.arange(6, dtype=np.float32)[:, None, None]  # det J = 1 - 0.8 = 0.2 everywhere
     assert float(fold_penalty(jnp.asarray(squeeze), 0.1)) == 0.0  # 0.2 clears a margin of 0.1

@@ -5,6 +5,7 @@ import numpy as np
 
 from jaxreg.apps.benchmark import fine_step_bytes, refine_step_bytes, run_benchmark
 from jaxreg.config import load_config
+from jaxreg.pipeline import stages
 
 from synthetic import brain, pull, smooth_field
 
@@ -17,7 +18,9 @@ def test_benchmark_reports_compile_stages_memory_and_bandwidth(tmp_path):
     report = run_benchmark(tmp_path / "f.nii.gz", tmp_path / "m.nii.gz", config, repeats=1)
     assert report.shape == fixed.shape and len(report.total_seconds) == 1
     assert report.peak_memory_gb > 0 and report.bandwidth_gbps > 0.1
-    assert [name.split(" ")[0] for name in report.stages] == ["features", "coarse", "refinement"]
+    assert [name.split(" ")[0] for name in report.stages] == ["start", "features", "coarse", "refine", "finish"]
+    assert report.stages_seconds == sum(report.stages.values()) and report.fine_seconds is None
+    assert report.median_seconds == report.total_seconds[0]
     # the floor is the bytes of 30 steps over the measured bandwidth
     cells = (fixed.shape[0] // 2) * (fixed.shape[1] // 2) * (fixed.shape[2] // 2)
     expected = 30 * refine_step_bytes(cells, 12) / (report.bandwidth_gbps * 1e9)
@@ -30,7 +33,10 @@ def test_benchmark_times_the_full_resolution_level_and_the_fold_repair(tmp_path)
         nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / f"{name}.nii.gz")
     config = load_config("lumir", ["refine.iterations=5", "fine.iterations=3", "unfold.rounds=2"])
     report = run_benchmark(tmp_path / "f.nii.gz", tmp_path / "m.nii.gz", config, repeats=1)
-    assert [name.split(" ")[0] for name in report.stages] == ["features", "coarse", "refinement", "full-resolution", "fold"]
+    # exactly the program's stages, the same-contrast guard included, between start and finish
+    assert [name.split(" ")[0] for name in report.stages] == ["start", *(s.name for s in stages(config)), "finish"]
+    assert [name.split(" ")[0] for name in report.stages] == [
+        "start", "features", "coarse", "contrast", "refine", "fine", "unfold", "finish"]
     assert all(seconds > 0 for seconds in report.stages.values())
     # the refinement is timed on the features the program uses: MIND-SSC plus the intensity channel
     cells = (fixed.shape[0] // 2) * (fixed.shape[1] // 2) * (fixed.shape[2] // 2)
@@ -39,7 +45,7 @@ def test_benchmark_times_the_full_resolution_level_and_the_fold_repair(tmp_path)
     voxels = fixed.shape[0] * fixed.shape[1] * fixed.shape[2]
     floor = 3 * fine_step_bytes(voxels, local_ncc=True) / (report.bandwidth_gbps * 1e9)
     assert abs(report.fine_floor_seconds - floor) < 1e-9
-    assert report.fine_seconds == report.stages["full-resolution level (3 Adam steps)"]
+    assert report.fine_seconds == report.stages["fine (full-resolution level, 3 Adam steps)"]
 
 
 def test_refine_step_bytes_counts_floats_per_cell():
@@ -60,9 +66,9 @@ def test_vmapped_program_registers_each_pair_as_the_single_pair_program_does():
     batched, _ = compiled_batched_program(config, fixed.shape, 2)
     out = batched(jnp.stack([fixed, fixed]), jnp.stack(movings))
     for i, moving in enumerate(movings):
-        expected = np.asarray(single(jnp.asarray(fixed), jnp.asarray(moving), None)["disp"])
-        np.testing.assert_allclose(np.asarray(out["disp"][i]), expected, atol=2e-3)
-    assert not np.allclose(out["disp"][0], out["disp"][1], atol=0.05)  # two different answers
+        expected = np.asarray(single(jnp.asarray(fixed), jnp.asarray(moving), None).disp)
+        np.testing.assert_allclose(np.asarray(out.disp[i]), expected, atol=2e-3)
+    assert not np.allclose(out.disp[0], out.disp[1], atol=0.05)  # two different answers
 
 
 def test_throughput_and_scaling_rows_count_pairs_and_halve_the_grid():

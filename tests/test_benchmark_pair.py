@@ -1,7 +1,7 @@
 """One real-size registration on the OASIS-TRT-20 benchmark (skipped where ../shared is absent).
 
 The reference PyTorch ConvexAdam with the LUMIR settings takes this pair (0002 <- 0001) from a
-LUMIR-style Dice of 0.4311 to 0.5720 (PEERS.json); the faithful port must do as well.
+LUMIR-style Dice of 0.4311 to 0.5720 (PEERS.json beside the data); the faithful port must do as well.
 """
 
 import json

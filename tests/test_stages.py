@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-import jaxreg  # noqa: F401
 from jaxreg.stages.affine import affine_search
 from jaxreg.stages.coarse import coarse_search
 from jaxreg.config import AffineConfig, CoarseConfig, RefineConfig
 from jaxreg.stages.features import mind_ssc_pooled
+import jaxreg.stages.losses as losses
 import jaxreg.stages.refine as refine_module
-from jaxreg.stages.refine import refine
+from jaxreg.stages.refine import adam_on_smoothed, refine
 from jaxreg.ops.warp import affine_coordinates, sample, warp
 
 from synthetic import SHAPE, brain, inverse_of, pull, smooth_field
@@ -46,17 +46,17 @@ def test_ssd_gradient_matches_autodiff(name):
     def autodiff_loss(d):
         return jnp.sum((warp(moving, d, "zeros") - fixed) ** 2) / (7 * 8 * 9)
 
-    loss, grad = jax.jit(getattr(refine_module, name))(disp, moving, fixed)
+    loss, grad = jax.jit(getattr(losses, name))(disp, moving, fixed)
     np.testing.assert_allclose(loss, autodiff_loss(disp), rtol=1e-5)
     np.testing.assert_allclose(grad, jax.grad(autodiff_loss)(disp), atol=1e-6)
 
 
 def test_gpu_programs_gather_the_features_channel_by_channel():
-    """On an H200 the row gather made the 40 feature steps 6x slower and took 56 s to compile."""
+    """On a GPU the row gather made the feature steps several times slower and slow to compile."""
     disp = jax.ShapeDtypeStruct((3, 4, 5, 6), jnp.float32)
     features = jax.ShapeDtypeStruct((4, 5, 6, 13), jnp.float32)
     for platform, slice_sizes in (("cuda", "13, 1"), ("cpu", "1, 13")):
-        program = jax.jit(refine_module._ssd_and_gradient_jax).trace(disp, features, features)
+        program = jax.jit(losses._ssd_and_gradient_jax).trace(disp, features, features)
         text = program.lower(lowering_platforms=(platform,)).as_text()
         gathers = [line for line in text.splitlines() if "stablehlo.gather" in line]
         assert gathers and all(f"slice_sizes = array<i64: {slice_sizes}>" in line for line in gathers), platform
@@ -66,21 +66,21 @@ def test_only_cpu_programs_fuse_the_adam_step_with_its_box_filter():
     """GPU and TPU programs keep autodiff's transpose of the smoothing (the programs timed on devices)."""
     from jaxreg.ops.native import kernels as cpu_kernels
     params = jax.ShapeDtypeStruct((3, 5, 6, 7), jnp.float32)
-    program = jax.jit(lambda p: refine_module._adam(lambda s: jnp.sum(jnp.sin(s)), p, 1, 0.1, 2)).trace(params)
+    program = jax.jit(lambda p: adam_on_smoothed(lambda s: jnp.sum(jnp.sin(s)), p, 1, 0.1, 2)).trace(params)
     assert "jaxreg_box_adam" not in program.lower(lowering_platforms=("cuda",)).as_text()
     assert ("jaxreg_box_adam" in program.lower(lowering_platforms=("cpu",)).as_text()) == cpu_kernels.available()
 
 
 @pytest.mark.parametrize("passes", [0, 1, 3])
 def test_adam_on_smoothed_parameters_matches_optax_through_autodiff(passes):
-    """_adam applies the smoothing's transpose by hand (box filters, the last fused with the update on
+    """adam_on_smoothed applies the smoothing's transpose by hand (box filters, the last fused with the update on
     CPU); the reference differentiates through smooth_grid and steps with optax."""
     import optax
     rng = np.random.default_rng(4)
     target = jnp.asarray(rng.normal(0, 1, (3, 9, 8, 7)), jnp.float32)
     start = jnp.asarray(rng.normal(0, 0.5, (3, 9, 8, 7)), jnp.float32)
     loss_of_smoothed = lambda s: jnp.sum((s - target) ** 2 * (1 + target ** 2)) + jnp.sum(jnp.cos(s))
-    got = jax.jit(lambda p: refine_module._adam(loss_of_smoothed, p, passes, 0.1, 6))(start)
+    got = jax.jit(lambda p: adam_on_smoothed(loss_of_smoothed, p, passes, 0.1, 6))(start)
 
     optimiser = optax.adam(0.1)
 
@@ -93,6 +93,40 @@ def test_adam_on_smoothed_parameters_matches_optax_through_autodiff(passes):
     expected = jax.jit(lambda p: jax.lax.scan(step, (p, optimiser.init(p)), None, length=6)[0][0])(start)
     assert float(jnp.max(jnp.abs(got - start))) > 0.1  # the steps moved the parameters
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-5)
+
+
+def test_adam_steps_where_the_kernels_fail_to_build_match_optax(monkeypatch):
+    """A CPU program lowered after a failed build holds no kernel and steps as optax does."""
+    import optax
+    from jaxreg.ops.native import library
+    monkeypatch.setattr(library, "ready", lambda: False)  # the build was tried and failed
+    rng = np.random.default_rng(5)
+    target = jnp.asarray(rng.normal(0, 1, (3, 7, 6, 9)), jnp.float32)  # a shape no other test traces
+    loss_of_smoothed = lambda s: jnp.sum((s - target) ** 2)
+    program = jax.jit(lambda p: adam_on_smoothed(loss_of_smoothed, p, 2, 0.1, 4))
+    assert "jaxreg_" not in program.lower(jnp.zeros_like(target)).as_text(dialect="hlo")
+    got = program(jnp.zeros_like(target))
+    optimiser = optax.adam(0.1)
+    p, state = jnp.zeros_like(target), optimiser.init(target)
+    for _ in range(4):
+        updates, state = optimiser.update(jax.grad(lambda q: loss_of_smoothed(refine_module.smooth_grid(q, 2)))(p), state, p)
+        p = optax.apply_updates(p, updates)
+    np.testing.assert_allclose(got, p, rtol=0, atol=2e-5)
+
+
+def test_fused_adam_step_finds_the_moments_in_optax_state_by_type_and_refuses_another_layout():
+    """The fused CPU step updates optax.adam's ScaleByAdamState wherever optax puts it; a layout with
+    state it does not know (here a second array-holding entry) stops the trace with one clear error."""
+    import optax
+    params = jnp.zeros((3, 4, 5, 6), jnp.float32)
+    state = optax.adam(0.1).init(params)
+    index = refine_module._adam_moments_index(state)
+    assert isinstance(state[index], optax.ScaleByAdamState)
+    assert refine_module._adam_moments_index(tuple(reversed(state))) == len(state) - 1 - index
+    for changed in (state[index], (state[index], optax.ScaleByAdamState(jnp.int32(0), params, params)),
+                    (state[index], optax.ScaleByScheduleState(jnp.int32(0)))):
+        with pytest.raises(RuntimeError, match="ScaleByAdamState"):
+            refine_module._adam_moments_index(changed)
 
 
 def test_refinement_recovers_smooth_deformation():
@@ -134,3 +168,33 @@ def test_affine_recovers_known_affine():
     error = np.linalg.norm(matrix[:, :3] @ points + matrix[:, 3:] - (truth[:, :3] @ points + truth[:, 3:]), axis=0)
     start = np.linalg.norm(points - (truth[:, :3] @ points + truth[:, 3:]), axis=0)
     assert error.mean() < 0.5 and error.mean() < 0.2 * start.mean(), (error.mean(), start.mean())
+
+
+@pytest.mark.parametrize("overrides, names", [
+    ([], ["features", "coarse", "contrast", "refine", "fine", "unfold"]),
+    (["affine.enabled=true"], ["affine", "features", "coarse", "contrast", "refine", "fine", "compose", "unfold"]),
+    (["contrast.min_ncc=-1", "unfold.rounds=0"], ["features", "coarse", "refine", "fine"]),
+    (["coarse.enabled=false", "fine.enabled=false", "refine.intensity_weight=0"], ["features", "refine", "unfold"]),
+    (["refine.iterations=0", "fine.iterations=0"], ["features", "coarse", "contrast", "unfold"]),
+])
+def test_program_is_the_tuple_of_the_stages_the_config_turns_on(overrides, names):
+    from jaxreg.config import load_config
+    from jaxreg.pipeline import stages
+    assert [stage.name for stage in stages(load_config("lumir", overrides))] == names
+
+
+def test_stages_jitted_one_by_one_compute_what_the_one_program_computes():
+    """What `jaxreg benchmark` times piece by piece is the program `register` runs."""
+    from jaxreg import pipeline
+    from jaxreg.config import load_config
+    config = load_config("lumir", ["refine.iterations=5", "fine.iterations=3", "unfold.rounds=3"])
+    moving = pull(FIXED, smooth_field(amplitude=2.0, seed=7))
+    whole = pipeline.program(jnp.asarray(FIXED), jnp.asarray(moving), None, config=config)
+    state = jax.jit(lambda f, m: pipeline.start(f, m, None))(jnp.asarray(FIXED), jnp.asarray(moving))
+    for stage in pipeline.stages(config):
+        state = jax.jit(stage.apply)(state)
+    pieces = jax.jit(pipeline.finish)(state)
+    assert bool(pieces.intensity_used) and float(np.abs(pieces.disp).max()) > 0.5
+    for name in pipeline.Outputs._fields:
+        np.testing.assert_allclose(np.asarray(getattr(pieces, name)), np.asarray(getattr(whole, name)),
+                                   atol=1e-4, err_msg=name)

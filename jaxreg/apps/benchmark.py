@@ -1,8 +1,12 @@
 """Speed and memory of one full-size registration: compile time, time per stage, total, peak memory.
 
-Figures, not assertions: this is what `jaxreg benchmark` prints. The whole program runs first (so
-the peak memory is that of a real registration); the per-stage breakdown then runs each stage as
-its own jitted function on the same inputs, which costs a little more than inside the one program.
+Figures, not assertions: this is what `jaxreg benchmark` prints. The whole program runs as
+:func:`jaxreg.registration.run_program` runs it for `register`, so its time is the time `register`
+reports and the peak memory that of a real registration. The per-stage breakdown times the very
+pieces that program is made of (:func:`jaxreg.pipeline.start`, each stage of
+:func:`jaxreg.pipeline.stages`, :func:`jaxreg.pipeline.finish`), each compiled alone and applied in
+sequence, so the rows add up to about the whole; what the one program saves by fusing across stage
+boundaries shows as the difference.
 """
 
 from __future__ import annotations
@@ -15,21 +19,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..stages.coarse import coarse_search
+from .. import pipeline
+from ..compilation import compile_jitted, compiled_batched_program, compiled_program
 from ..config import RegistrationConfig
-from ..stages.features import mind_ssc_pooled
 from ..io import load_volume
-from ..compilation import compiled_batched_program, compiled_program
-from ..pipeline import normalise, refinement_features
-from ..registration import check_pair
-from ..stages.refine import refine, refine_fine
-from ..stages.unfold import unfold
-from ..ops.warp import resize
+from ..registration import check_pair, run_program
+from ..stages.features import mind_pairs
 
 
 @dataclass
 class BenchmarkReport:
-    """Seconds per item; ``stages`` maps stage name -> seconds (median of repeats)."""
+    """Seconds per item. ``total_seconds``: one per timed run of the whole program, as `register`
+    reports it; ``stages`` maps a row (stage name, then what it does) -> seconds, median of repeats,
+    in program order from ``start`` to ``finish``."""
 
     shape: tuple
     preset: str
@@ -44,6 +46,16 @@ class BenchmarkReport:
     fine_floor_seconds: float | None = None
     fine_seconds: float | None = None
     device_peak_gb: float | None = None
+
+    @property
+    def median_seconds(self) -> float:
+        """The median of the whole program's runs, to set beside :attr:`stages_seconds` (medians too)."""
+        return float(np.median(self.total_seconds))
+
+    @property
+    def stages_seconds(self) -> float:
+        """The sum of the stage rows: the program's time, less what fusing across stages saves."""
+        return float(sum(self.stages.values()))
 
 
 # Floats a refinement step must move per cell at the very least, if every pass were fused and each
@@ -101,72 +113,93 @@ def _timed(fn, *args, repeats: int = 1, reduce=np.median) -> float:
     return float(reduce(times))
 
 
+def _compiled_pieces(shape: tuple, config: RegistrationConfig) -> list:
+    """(row label, executable) of each piece of the program in order: :func:`pipeline.start`, every
+    stage of :func:`pipeline.stages`, :func:`pipeline.finish`; each compiled alone, with the
+    program's compiler options, for the state the piece before hands on."""
+    image = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
+
+    def start(fixed, moving):
+        return pipeline.start(fixed, moving, None)
+
+    pieces = [("start (inputs to the device, normalised)", compile_jitted(jax.jit(start), image, image))]
+    state = jax.eval_shape(start, image, image)
+    for stage in pipeline.stages(config):
+        pieces.append((f"{stage.name} ({stage.description})", compile_jitted(jax.jit(stage.apply), state)))
+        state = jax.eval_shape(stage.apply, state)
+    pieces.append(("finish (moved image, NCC, outputs to the host)", compile_jitted(jax.jit(pipeline.finish), state)))
+    return pieces
+
+
+def _run_pieces(pieces: list, fixed: np.ndarray, moving: np.ndarray) -> list[float]:
+    """One registration through the pieces, each applied to the state the one before produced and
+    waited for before the next starts: seconds per piece. As :func:`run_program` counts, the first
+    piece includes moving the images to the device and the last moving the outputs back."""
+    seconds = []
+    (_, start), *stages, (_, finish) = pieces
+    begin = time.perf_counter()
+    state = jax.block_until_ready(start(jax.device_put(fixed), jax.device_put(moving)))
+    seconds.append(time.perf_counter() - begin)
+    for _, apply in stages:
+        begin = time.perf_counter()
+        state = jax.block_until_ready(apply(state))
+        seconds.append(time.perf_counter() - begin)
+    begin = time.perf_counter()
+    jax.device_get(finish(state))
+    seconds.append(time.perf_counter() - begin)
+    return seconds
+
+
 def run_benchmark(fixed_path, moving_path, config: RegistrationConfig, *, repeats: int = 2,
                   stages: bool = True, progress=lambda message: None) -> BenchmarkReport:
-    """Time the whole registration program, then (optionally) each stage on its own."""
+    """Time the whole registration program as `register` runs it and (optionally) each of its pieces
+    on its own (see the module docstring), after one warm-up run of each. The timed runs alternate
+    (whole program, then the pieces, and again), so a drift of a shared machine touches both alike."""
     fixed, _ = load_volume(fixed_path, "fixed image")
     moving, _ = load_volume(moving_path, "moving image")
     check_pair(fixed, moving)
     progress("compiling the registration program")
-    executable, compile_seconds = compiled_program(config, fixed.shape, False)
-    f, m = jnp.asarray(fixed), jnp.asarray(moving)
-    totals = []
+    _, compile_seconds = compiled_program(config, fixed.shape, False)
+    run_program(config, fixed, moving, None)
+    peak_gb, device_peak_gb = peak_memory_gb(), device_peak_memory_gb()  # before any piece ran alone
+    pieces = []
+    if stages:
+        progress("compiling its stages one by one")
+        pieces = _compiled_pieces(fixed.shape, config)
+        _run_pieces(pieces, fixed, moving)
+    totals, rows = [], []
     for i in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(executable(f, m, None))
-        totals.append(time.perf_counter() - start)
-        progress(f"run {i + 1}/{repeats}: {totals[-1]:.1f} s")
+        totals.append(run_program(config, fixed, moving, None).summary.seconds)
+        if pieces:
+            rows.append(_run_pieces(pieces, fixed, moving))
+        progress(f"run {i + 1}/{repeats}: {totals[-1]:.1f} s" + (f", stages {sum(rows[-1]):.1f} s" if rows else ""))
     report = BenchmarkReport(shape=fixed.shape, preset=config.name, compile_seconds=compile_seconds,
-                             total_seconds=totals, peak_memory_gb=peak_memory_gb(), device=str(jax.devices()[0]),
-                             device_peak_gb=device_peak_memory_gb())
-    if not stages:
+                             total_seconds=totals, peak_memory_gb=peak_gb, device=str(jax.devices()[0]),
+                             device_peak_gb=device_peak_gb)
+    if not pieces:
         return report
 
-    progress("timing stages one by one")
-    fn, mn = normalise(f), normalise(m)
-    radius, dilation = config.features.radius, config.features.dilation
-    spacing = config.coarse.grid_spacing if config.coarse.enabled else config.refine.grid_spacing
-    features = jax.jit(lambda x: mind_ssc_pooled(x, radius, dilation, spacing))
-    report.stages["features (MIND-SSC, one image, pooled)"] = _timed(features, fn)
-    fixed_cells, moving_cells = features(fn), features(mn)
-    disp = jnp.zeros((3,) + fixed.shape, jnp.float32)
-    refine_bytes = fine_bytes = 0  # the least bytes the two Adam levels must move
-    if config.coarse.enabled:
-        coarse = jax.jit(lambda a, b: resize(coarse_search(a, b, config.coarse), fixed.shape))
-        report.stages["coarse search (+ upsample)"] = _timed(coarse, fixed_cells, moving_cells)
-        disp = coarse(fixed_cells, moving_cells)
-    if config.refine.enabled and config.refine.iterations > 0:
-        stack = jax.jit(lambda x: refinement_features(x, config))  # one compile serves both images
-        fixed_f, moving_f = stack(fn), stack(mn)
-        refiner = jax.jit(lambda a, b, d: refine(a, b, d, config.refine)[0])
-        seconds = _timed(refiner, fixed_f, moving_f, disp)
-        report.stages[f"refinement ({config.refine.iterations} Adam steps)"] = seconds
-        disp = refiner(fixed_f, moving_f, disp)
-        report.refine_seconds = seconds
-        cells = int(np.prod(fixed_f.shape[1:]))
-        refine_bytes = config.refine.iterations * refine_step_bytes(cells, fixed_f.shape[0])
-    if config.fine.enabled and config.fine.iterations > 0:
-        fine = jax.jit(lambda a, b, d: refine_fine(a, b, d, config.fine))
-        report.fine_seconds = _timed(fine, fn, mn, disp)
-        report.stages[f"full-resolution level ({config.fine.iterations} Adam steps)"] = report.fine_seconds
-        disp = fine(fn, mn, disp)
-        fine_bytes = config.fine.iterations * fine_step_bytes(int(np.prod(fixed.shape)), config.fine.ncc_weight > 0)
+    report.stages = {label: float(np.median(column)) for (label, _), column in zip(pieces, zip(*rows))}
+    by_name = {label.split(" ")[0]: seconds for label, seconds in report.stages.items()}
+    report.refine_seconds, report.fine_seconds = by_name.get("refine"), by_name.get("fine")
     if report.refine_seconds is not None or report.fine_seconds is not None:
         progress("measuring memory bandwidth")
         report.bandwidth_gbps = memory_bandwidth_gbps()
+        voxels = int(np.prod(fixed.shape))
         if report.refine_seconds is not None:
+            cells = int(np.prod([n // config.refine.grid_spacing for n in fixed.shape]))
+            channels = len(mind_pairs(config.features.dilation)) + (config.refine.intensity_weight > 0)
+            refine_bytes = config.refine.iterations * refine_step_bytes(cells, channels)
             report.refine_floor_seconds = refine_bytes / (report.bandwidth_gbps * 1e9)
         if report.fine_seconds is not None:
+            fine_bytes = config.fine.iterations * fine_step_bytes(voxels, config.fine.ncc_weight > 0)
             report.fine_floor_seconds = fine_bytes / (report.bandwidth_gbps * 1e9)
-    if config.unfold.rounds > 0:
-        repair = jax.jit(lambda d: unfold(d, config.unfold)[0])
-        report.stages["fold repair"] = _timed(repair, disp)
     return report
 
 
 def alternate_presets(fixed: np.ndarray, moving: np.ndarray, configs, *, repeats: int = 3) -> list[list[float]]:
     """Seconds per pair of each of `configs` on one pair, the runs alternated in one process (A, B, A,
-    B, ...) after one warm-up run each. A shared machine drifts by 10-20 % between separate runs; here
+    B, ...) after one warm-up run each. A shared machine drifts between separate runs; here
     every program meets the same drift, so the ratio of the bests is the steadier figure."""
     f, m = jnp.asarray(fixed), jnp.asarray(moving)
     programs = [compiled_program(config, fixed.shape, False)[0] for config in configs]
