@@ -1,33 +1,26 @@
 """Configuration: one frozen dataclass per stage, presets in TOML, overrides as ``stage.key=value``.
 
 Configs are frozen and hashable, so a whole :class:`RegistrationConfig` is a static argument of the
-jitted pipeline: same config + same shapes = one compiled program.
+jitted pipeline: same config + same shapes = one compiled program. The preset ``name`` takes no part
+in equality or hashing, so two configs that differ only by name share one compiled program.
 
-ConvexAdam's abbreviations are spelt out here; the mapping, for readers of the reference code:
-
-=====================  =============================
-ConvexAdam             jaxreg
-=====================  =============================
-``mind_r``             ``features.radius``
-``mind_d``             ``features.dilation``
-``grid_sp``            ``coarse.grid_spacing``
-``disp_hw``            ``coarse.search_radius``
-``ic``                 ``coarse.inverse_consistent``
-``grid_sp_adam``       ``refine.grid_spacing``
-``selected_niter``     ``refine.iterations``
-``lambda_weight``      ``refine.diffusion_weight``
-``selected_smooth``    (not used: 0 in the LUMIR runs)
-=====================  =============================
+ConvexAdam's abbreviations are spelt out here; :data:`CONVEXADAM_NAMES` maps them, for readers of the
+reference code and for :func:`convexadam_settings`, which turns a config into the reference's
+arguments (the settings the LUMIR organisers used live in ``configs/convexadam-lumir.toml`` alone).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import tomli_w
 
 from .errors import ConfigError
 
@@ -86,7 +79,12 @@ class CoarseConfig:
     """ConvexAdam's discrete stage: cost volume on a coarse grid, coupled convex rounds, inverse consistency.
 
     ``grid_spacing``: voxels per coarse cell; ``search_radius``: half-width of the displacement
-    window in coarse cells; ``coupling_weights``: the increasing weights of the coupled rounds.
+    window in coarse cells; ``coupling_weights``: one coupled round per weight, after one uncoupled
+    argmin. Each round picks per cell the displacement minimising ``cost + w * |d - smooth|^2``, smooth
+    being the box-filtered field of the round before, so the weights must be finite and >= 0, and
+    must not decrease: the rounds anneal, each pulling harder towards a smooth field (a smaller weight
+    after a larger one would undo the smoothing already won). Each weight is one round unrolled in the
+    compiled program.
     """
 
     enabled: bool = True
@@ -99,8 +97,31 @@ class CoarseConfig:
     def __post_init__(self):
         _check(self.grid_spacing >= 1, f"coarse.grid_spacing must be >= 1, got {self.grid_spacing}")
         _check(self.search_radius >= 1, f"coarse.search_radius must be >= 1, got {self.search_radius}")
-        _check(all(w >= 0 for w in self.coupling_weights), "coarse.coupling_weights must be >= 0")
-        _check(self.inverse_iterations >= 0, "coarse.inverse_iterations must be >= 0")
+        weights = self.coupling_weights
+        _check(len(weights) > 0, "coarse.coupling_weights must list at least one weight, e.g. [0.003, 0.01, 0.03, 0.1, 0.3, 1.0]")
+        _check(all(math.isfinite(w) and w >= 0 for w in weights),
+               f"coarse.coupling_weights must be finite and >= 0, got {list(weights)}")
+        _check(all(a <= b for a, b in zip(weights, weights[1:])),
+               f"coarse.coupling_weights must not decrease (each round pulls harder towards a smooth field), got {list(weights)}")
+        _check(self.inverse_iterations >= 0, f"coarse.inverse_iterations must be >= 0, got {self.inverse_iterations}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ContrastConfig:
+    """The same-contrast guard of the intensity terms (``refine.intensity_weight``'s channel and the
+    ``fine`` level), which assume that fixed and moving share one contrast.
+
+    After the coarse search (MIND-SSC, blind to contrast) the fixed and moved images are correlated
+    inside the fixed brain (NCC over ``fixed > 0``); the intensity terms are used only when that NCC is
+    at least ``min_ncc``. Same-contrast T1 pairs score about 0.5 even before registration, a T2w- or
+    FLAIR-like moving image below 0, where an intensity SSD would pull the field apart. -1 = no guard:
+    always use them. A preset without intensity terms has nothing to guard.
+    """
+
+    min_ncc: float = -1.0
+
+    def __post_init__(self):
+        _check(-1 <= self.min_ncc <= 1, f"contrast.min_ncc must be in [-1, 1], got {self.min_ncc}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,12 +134,8 @@ class RefineConfig:
 
     ``intensity_weight`` > 0 adds the [0, 1]-normalised image, average-pooled to the refinement grid
     and multiplied by this weight, as a 13th feature channel: an intensity SSD term next to MIND, for
-    same-contrast pairs such as T1w to T1w (0 = ConvexAdam's MIND-only data term).
-    ``intensity_min_ncc`` guards it: the intensity terms (this channel and the ``fine`` level) are used
-    only when, after the coarse search (MIND-SSC, blind to contrast), the fixed and moved images
-    correlate inside the fixed brain (NCC over ``fixed > 0``) by at least this much. Same-contrast T1
-    pairs score about 0.5 even before registration, a T2w- or FLAIR-like moving image below 0, where
-    intensity SSD would pull the field apart. -1 = always use them.
+    same-contrast pairs such as T1w to T1w (0 = ConvexAdam's MIND-only data term). The ``contrast``
+    section guards it.
 
     ``fold_weight`` > 0 adds ``fold_weight * mean(relu(fold_margin - det(I + grad u))^2)`` on the
     refinement grid: a penalty on (nearly) folding cells that lets a weaker diffusion weight stay
@@ -132,15 +149,12 @@ class RefineConfig:
     diffusion_weight: float = 1.6
     smoothing_passes: int = 3
     intensity_weight: float = 0.0
-    intensity_min_ncc: float = -1.0
     fold_weight: float = 0.0
     fold_margin: float = 0.1
 
     def __post_init__(self):
         _check(self.grid_spacing >= 1, f"refine.grid_spacing must be >= 1, got {self.grid_spacing}")
         _check(self.intensity_weight >= 0, f"refine.intensity_weight must be >= 0, got {self.intensity_weight}")
-        _check(-1 <= self.intensity_min_ncc <= 1,
-               f"refine.intensity_min_ncc must be in [-1, 1], got {self.intensity_min_ncc}")
         _check_adam_level("refine", self)
 
 
@@ -156,8 +170,8 @@ class FineConfig:
     det(I + grad u))^2)`` on [0, 1]-normalised images, LNCC being the local normalised cross-correlation
     over ``ncc_window``^3 boxes (robust to local intensity differences, which the SSD is not). The
     diffusion penalty acts on the residual only, so the level adds detail without relaxing the field
-    it starts from. Both intensity terms assume one contrast: the level obeys
-    ``refine.intensity_min_ncc`` as the intensity channel does.
+    it starts from. Both intensity terms assume one contrast: the ``contrast`` section guards the level
+    as it guards the intensity channel.
     """
 
     enabled: bool = False
@@ -207,19 +221,22 @@ class UnfoldConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class RegistrationConfig:
-    """Everything that defines one registration program. ``name`` is informative only."""
+    """Everything that defines one registration program. ``name`` is informative only: it is left
+    out of equality and hashing, so it never splits the compile cache."""
 
-    name: str = "custom"
+    name: str = field(default="custom", compare=False)
     affine: AffineConfig = field(default_factory=AffineConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     coarse: CoarseConfig = field(default_factory=CoarseConfig)
+    contrast: ContrastConfig = field(default_factory=ContrastConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
     fine: FineConfig = field(default_factory=FineConfig)
     unfold: UnfoldConfig = field(default_factory=UnfoldConfig)
 
 
-STAGES = {"affine": AffineConfig, "features": FeatureConfig, "coarse": CoarseConfig, "refine": RefineConfig,
-          "fine": FineConfig, "unfold": UnfoldConfig}
+STAGES = {"affine": AffineConfig, "features": FeatureConfig, "coarse": CoarseConfig, "contrast": ContrastConfig,
+          "refine": RefineConfig, "fine": FineConfig, "unfold": UnfoldConfig}
+RENAMED = {"refine.intensity_min_ncc": "contrast.min_ncc"}  # old key -> new key, named in the error
 DEFAULT_PRESET = "lumir"
 
 
@@ -279,6 +296,10 @@ def config_from_dict(data: dict, name: str = "custom", base: RegistrationConfig 
         cls = STAGES[stage]
         valid = {f.name: f.type for f in fields(cls)}
         for key in values:
+            if f"{stage}.{key}" in RENAMED:
+                new_stage, new_key = RENAMED[f"{stage}.{key}"].split(".")
+                raise ConfigError(f"'{stage}.{key}' is now '{new_stage}.{new_key}' (key {new_key} in "
+                                  f"section [{new_stage}]): rename it")
             if key not in valid:
                 raise ConfigError(f"unknown key '{stage}.{key}': must be one of {', '.join(valid)}")
         coerced = {k: _coerce(stage, k, v, valid[k]) for k, v in values.items()}
@@ -330,3 +351,49 @@ def load_config(preset: str | Path = DEFAULT_PRESET, overrides: list[str] | tupl
 def config_to_dict(config: RegistrationConfig) -> dict:
     """Plain nested dict (for reports and run logs)."""
     return dataclasses.asdict(config)
+
+
+def preset_toml(config: RegistrationConfig, header: Sequence[str] = ()) -> str:
+    """`config` as a preset file that :func:`load_config` reads back equal, under ``# `` comment lines."""
+    comments = "".join(f"# {line}".rstrip() + "\n" for text in header for line in text.splitlines())
+    data = {"name": config.name}
+    for stage in STAGES:
+        data[stage] = {key: list(value) if isinstance(value, tuple) else value
+                       for key, value in dataclasses.asdict(getattr(config, stage)).items()}
+    return comments + tomli_w.dumps(data)
+
+
+def write_preset(config: RegistrationConfig, path: str | Path, header: Sequence[str] = ()) -> Path:
+    """Write `config` as a TOML preset atomically (temporary file, then rename)."""
+    from .io import atomic_output  # nibabel: imported only when a preset is written
+
+    path = Path(path)
+    if path.suffix != ".toml":
+        raise ConfigError(f"output preset '{path}' must end in .toml (so that --preset reads it as a file)")
+    with atomic_output(path) as tmp:
+        tmp.write_text(preset_toml(config, header), encoding="utf-8")
+    return path
+
+
+# ConvexAdam's argument -> jaxreg's ``stage.key``, for readers of the reference code. Its
+# ``selected_smooth`` (an extra smoothing of the final field) has no counterpart: the LUMIR runs set 0.
+CONVEXADAM_NAMES = {
+    "mind_r": "features.radius",
+    "mind_d": "features.dilation",
+    "grid_sp": "coarse.grid_spacing",
+    "disp_hw": "coarse.search_radius",
+    "ic": "coarse.inverse_consistent",
+    "grid_sp_adam": "refine.grid_spacing",
+    "selected_niter": "refine.iterations",
+    "lambda_weight": "refine.diffusion_weight",
+}
+
+
+def convexadam_settings(config: RegistrationConfig) -> dict:
+    """The reference ConvexAdam's keyword arguments (``convex_adam_pt``) that run `config`'s program:
+    ``convexadam_settings(load_config("convexadam-lumir"))`` are the LUMIR organisers' settings."""
+    settings = {}
+    for name, where in CONVEXADAM_NAMES.items():
+        stage, key = where.split(".")
+        settings[name] = getattr(getattr(config, stage), key)
+    return settings | {"selected_smooth": 0}

@@ -2,7 +2,8 @@
 
 The reference is never a dependency of jaxreg: the user points `jaxreg benchmark --reference` at an
 interpreter that has ``torch`` and ``convexadam`` installed (e.g. a separate virtual environment),
-and it runs there in a child process with the LUMIR organisers' settings. What comes back is its
+and it runs there in a child process with the LUMIR organisers' settings (those of the
+``convexadam-lumir`` preset, :func:`jaxreg.config.convexadam_settings`). What comes back is its
 time (registration only, not imports or file reading), its peak memory and its device.
 """
 
@@ -15,11 +16,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import convexadam_settings, load_config
 from ..errors import InputError
-
-# The settings the LUMIR organisers used (as configs/convexadam-lumir.toml).
-LUMIR_SETTINGS = {"mind_r": 1, "mind_d": 2, "lambda_weight": 1.6, "grid_sp": 2, "disp_hw": 2, "selected_niter": 80,
-                  "selected_smooth": 0, "grid_sp_adam": 2, "ic": True}
 
 _SCRIPT = r"""
 import json, resource, sys, time
@@ -69,7 +67,8 @@ def time_reference(python: str | os.PathLike, fixed_path, moving_path, *, repeat
     if not Path(python).exists():
         raise InputError(f"reference interpreter '{python}' not found: give the python of an environment "
                          "with `pip install convexadam torch`.")
-    command = [str(python), "-c", _SCRIPT, str(fixed_path), str(moving_path), json.dumps(LUMIR_SETTINGS),
+    settings = convexadam_settings(load_config("convexadam-lumir"))
+    command = [str(python), "-c", _SCRIPT, str(fixed_path), str(moving_path), json.dumps(settings),
                str(threads), str(repeats)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
     for line in done.stdout.splitlines():

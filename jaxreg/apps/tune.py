@@ -22,21 +22,20 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..evaluation import metrics
-from ..config import RegistrationConfig, config_from_dict, config_to_dict, parse_override
-from ..dataset import EvalPair, EvaluationConfig
+from ..config import RegistrationConfig, config_from_dict, parse_override
+from ..evaluation.config import EvalPair, EvaluationConfig
 from ..errors import ConfigError, InputError
 from ..evaluation.evaluate import label_metrics
-from ..io import atomic_output, load_labels, load_volume
+from ..io import load_labels, load_volume
 from ..registration import register
 
 __all__ = ["Candidate", "Split", "TuneResult", "candidates", "fold_splits", "holdout_split", "parse_grid",
-           "preset_toml", "report_lines", "tune", "write_preset"]
+           "report_lines", "tune"]
 
 METRICS = {"dice": 1.0, "hd95": -1.0}  # metric -> sign (higher is better after multiplying)
 
@@ -303,8 +302,7 @@ def tune(evaluation: EvaluationConfig, base: RegistrationConfig, axes: Sequence[
                          "labelled dataset (labelsVal/ next to imagesVal/, or an evaluation_config.json with dice pairs)")
     splits = fold_splits(pairs, folds) if folds else [holdout_split(pairs, holdout)]
     cands = candidates(base, axes)
-    plain = lambda c: replace(c, name="")
-    base_index = next((i for i, c in enumerate(cands) if plain(c.config) == plain(base)), -1)
+    base_index = next((i for i, c in enumerate(cands) if c.config == base), -1)  # configs compare without their name
     result = TuneResult(base=base, candidates=cands, splits=splits, metric=metric, max_ndv=max_ndv,
                         chosen=-1, fold_choices=[], base_index=base_index)
     configs = {i: c.config for i, c in enumerate(cands)} | {-1: base}
@@ -341,41 +339,3 @@ def report_lines(result: TuneResult) -> list[str]:
     for name, s in (("tuned (" + how + ")", held["chosen"]), (f"base preset {result.base.name}", held["base"])):
         lines.append(f"  {name}: {m} {s[m]:.4f}, NDV mean {s['ndv_mean']:.5f} max {s['ndv_max']:.5f} (n={s['n']})")
     return lines + [f"warning: {w}" for w in result.warnings]
-
-
-# --------------------------------------------------------------------------------------------
-# writing the preset
-# --------------------------------------------------------------------------------------------
-
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, int):
-        return str(value)
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def preset_toml(config: RegistrationConfig, header: Sequence[str] = ()) -> str:
-    """The config as a preset file in the layout of ``configs/*.toml``, under ``# `` comment lines."""
-    lines = [f"# {line}".rstrip() for text in header for line in text.splitlines()]
-    data = config_to_dict(config)
-    lines.append(f"name = {_toml_value(config.name)}")
-    for stage, values in data.items():
-        if stage == "name":
-            continue
-        lines += ["", f"[{stage}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items()]
-    return "\n".join(lines) + "\n"
-
-
-def write_preset(config: RegistrationConfig, path: str | Path, header: Sequence[str] = ()) -> Path:
-    """Write `config` as a TOML preset atomically (temporary file, then rename)."""
-    path = Path(path)
-    if path.suffix != ".toml":
-        raise ConfigError(f"output preset '{path}' must end in .toml (so that --preset reads it as a file)")
-    with atomic_output(path) as tmp:
-        tmp.write_text(preset_toml(config, header), encoding="utf-8")
-    return path
