@@ -5,8 +5,6 @@ LUMIR-style Dice of 0.4311 to 0.5720 (PEERS.json beside the data); the faithful 
 """
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +12,8 @@ import pytest
 from jaxreg.evaluation import metrics
 from jaxreg.io import load_labels, load_volume
 from jaxreg.registration import register
+from data_paths import OASIS
 
-OASIS = Path(os.environ.get("JAXREG_OASIS_DIR", Path(__file__).resolve().parents[2] / "shared/data/oasis-trt20"))
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.benchmark_data,

@@ -4,10 +4,8 @@ dataset, plus the real OASIS benchmark (zero fields must reproduce the figures o
 import csv
 import json
 import math
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,10 +15,10 @@ from jaxreg import dataset, io
 from jaxreg.evaluation import config as evalconfig
 from jaxreg.evaluation import evaluate, metrics, report as reports
 from jaxreg.errors import ConfigError, InputError
+from data_paths import OASIS
 
 SHAPE = (14, 16, 12)
 LABELS = [0, 1, 2, 3, 4]
-OASIS = Path(os.environ.get("JAXREG_OASIS_DIR", Path(__file__).resolve().parents[2] / "shared/data/oasis-trt20"))
 
 
 def name(subject):

@@ -12,7 +12,7 @@ from jaxreg.config import ConfigError, FineConfig, UnfoldConfig, load_config
 from jaxreg.stages.unfold import fold_mask, unfold
 
 from synthetic import brain, inverse_of, pull, smooth_field
-from test_metrics import reference_digital_jacobians
+from jacobian_reference import reference_digital_jacobians
 
 _unfold = jax.jit(unfold, static_argnames="config")
 

@@ -2,8 +2,6 @@
 reference, on LUMIR-like, flipped, oblique and anisotropic headers; the native-space composition."""
 
 import json
-import os
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -19,6 +17,7 @@ from jaxreg.transforms import (RAS_TO_LPS, compose_native, itk_to_lumir, load_it
                                read_itk_affine, save_itk_field, write_itk_affine)
 
 from synthetic import SHAPE, brain, smooth_field
+from data_paths import OASIS
 
 sitk = pytest.importorskip("SimpleITK")
 
@@ -288,7 +287,6 @@ def test_the_native_field_warps_native_labels_as_both_affines_and_the_registrati
 
 
 
-OASIS = Path(os.environ.get("JAXREG_OASIS_DIR", Path(__file__).resolve().parents[2] / "shared/data/oasis-trt20"))
 
 
 @pytest.mark.slow

@@ -18,10 +18,7 @@ from jaxreg.evaluation import metrics
 from jaxreg.evaluation.surface import robust_hausdorff
 
 from deepmind_surface import needs_surface_distance, surface_distance
-
-
-def identity(shape):
-    return np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")).astype(np.float64)
+from jacobian_reference import identity, reference_digital_jacobians
 
 
 def cube_map(shape, start, size, label=1):
@@ -273,26 +270,6 @@ def test_tre_keypoints_rejects_mismatched_point_sets():
 # --------------------------------------------------------------------------------------------
 # NDV and SDlogJ
 # --------------------------------------------------------------------------------------------
-
-def reference_digital_jacobians(disp):
-    """The ten determinants as LUMIR.md defines them: scipy correlate kernels, mode='nearest', crop 1."""
-    phi = disp.astype(np.float64) + identity(disp.shape[1:])
-
-    def det(kx, ky, kz):
-        g = [[ndimage.correlate(phi[c], k, mode="nearest") for c in range(3)] for k in (kx, ky, kz)]
-        d = (g[0][0] * (g[1][1] * g[2][2] - g[1][2] * g[2][1]) - g[1][0] * (g[0][1] * g[2][2] - g[0][2] * g[2][1])
-             + g[2][0] * (g[0][1] * g[1][2] - g[0][2] * g[1][1]))
-        return d[1:-1, 1:-1, 1:-1]
-
-    forward, backward = np.array([0.0, -1, 1]), np.array([-1.0, 1, 0])
-    dets = [det(sx.reshape(3, 1, 1), sy.reshape(1, 3, 1), sz.reshape(1, 1, 3))
-            for sx in (forward, backward) for sy in (forward, backward) for sz in (forward, backward)]
-    back_diag = np.array([[1.0, 0, 0], [0, -1, 0], [0, 0, 0]])
-    fore_diag = np.array([[0.0, 0, 0], [0, -1, 0], [0, 0, 1]])
-    dets.append(det(back_diag.reshape(3, 3, 1), back_diag.reshape(3, 1, 3), back_diag.reshape(1, 3, 3)))
-    dets.append(det(fore_diag.reshape(3, 3, 1), fore_diag.reshape(1, 3, 3), fore_diag.reshape(3, 1, 3)))
-    return dets
-
 
 def test_reference_determinants_are_one_and_two_on_the_identity():
     dets = reference_digital_jacobians(np.zeros((3, 5, 5, 5)))

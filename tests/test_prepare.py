@@ -1,8 +1,6 @@
 """`jaxreg prepare`: a T1 in another orientation, resolution and position comes back onto the template."""
 
 import json
-import os
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -12,8 +10,8 @@ from scipy import ndimage
 from jaxreg.cli.main import main
 from jaxreg.errors import InputError
 from jaxreg.apps.prepare import _resample, load_record, prepare, template, write_prepared
+from data_paths import OASIS
 
-OASIS = Path(os.environ.get("JAXREG_OASIS_DIR", Path(__file__).resolve().parents[2] / "shared/data/oasis-trt20"))
 
 
 def _native_from_template(tmp_path):
