@@ -1,11 +1,15 @@
-"""Compiling the registration program: ahead of time, once per config, grid and device, per process.
+"""Compiling jaxreg's programs: ahead of time, with jaxreg's XLA options, once per config, grid and
+device per process.
 
 Compiling apart from running lets :mod:`jaxreg.registration` report compilation time separately and
-lets batch threads share one executable.
+lets batch threads share one executable. jaxreg makes no process-wide setting by itself: its XLA
+options go to each of its own programs when they are compiled (:func:`compile_jitted`), and the
+persistent compilation cache is turned on by an explicit :func:`configure` (the CLI calls it).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -21,32 +25,56 @@ from .pipeline import batched_program, program
 
 log = logging.getLogger(__name__)
 
+# XLA options of jaxreg's CPU programs. jaxlib 0.10's default YNNPACK fusions make a reduction over
+# a leading axis (e.g. a sum over channels) 50-70x slower; the empty fusion type turns them off.
+# A jaxlib that does not know an option skips it (checked once); XLA_FLAGS that set it win.
+CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+DEFAULT_CACHE = Path("~/.cache/jaxreg/xla")
+
 _executables: dict = {}
 _compile_lock = threading.Lock()
-_cache_configured = False
 
 
-def enable_persistent_cache() -> str | None:
-    """Keep compiled programs on disk so a second process does not compile again.
+@functools.cache
+def _cpu_accepts(name: str, value: str) -> bool:
+    """Whether the installed jaxlib's CPU compiler takes the option (a trivial program compiled with it)."""
+    cpu = SingleDeviceSharding(jax.devices("cpu")[0])
+    probe = jax.jit(lambda x: x + 1).lower(jax.ShapeDtypeStruct((), jnp.float32, sharding=cpu))
+    try:
+        probe.compile(compiler_options={name: value})
+        return True
+    except jax.errors.JaxRuntimeError as err:
+        log.debug("this jaxlib does not take the XLA option %s (%s): compiling without it", name, err)
+        return False
 
-    The folder is ``$JAXREG_CACHE_DIR`` (set it empty to disable), else ``~/.cache/jaxreg/xla``.
-    Programs that compile in under 0.5 s are not kept, unless JAX's own
-    ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` says otherwise. Returns the folder in use, or None.
-    """
-    global _cache_configured
-    folder = os.environ.get("JAXREG_CACHE_DIR", str(Path.home() / ".cache" / "jaxreg" / "xla"))
-    if not _cache_configured:
-        _cache_configured = True
-        if folder:
-            try:
-                Path(folder).mkdir(parents=True, exist_ok=True)
-                jax.config.update("jax_compilation_cache_dir", folder)
-                if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # the user's own wins
-                    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-            except (OSError, AttributeError) as err:  # read-only home, old jax: compile every time
-                log.warning("persistent compilation cache disabled: %s", err)
-                return None
-    return folder or None
+
+def compiler_options(platform: str) -> dict:
+    """jaxreg's XLA options for a program on `platform` ("cpu", "gpu", "cuda", "tpu"...): on CPU those
+    of :data:`CPU_OPTIONS` that this jaxlib takes and that ``XLA_FLAGS`` does not set."""
+    if platform != "cpu":
+        return {}
+    flags = os.environ.get("XLA_FLAGS", "")
+    return {name: value for name, value in CPU_OPTIONS.items()
+            if f"--{name}" not in flags and _cpu_accepts(name, value)}
+
+
+def _platform(args, kwargs) -> str:
+    """The platform of the devices that the arguments (arrays or ShapeDtypeStructs) are placed on,
+    else JAX's default backend."""
+    for leaf in jax.tree_util.tree_leaves((args, kwargs)):
+        sharding = getattr(leaf, "sharding", None)
+        if sharding is not None and getattr(sharding, "device_set", None):
+            return next(iter(sharding.device_set)).platform
+    return jax.default_backend()
+
+
+def compile_jitted(jitted, *args, **kwargs):
+    """``jitted.lower(*args, **kwargs).compile(...)`` with jaxreg's XLA options for the arguments'
+    platform (:func:`compiler_options`): how every jaxreg program, or a piece of one that is timed
+    apart (``jaxreg benchmark``), should be compiled. Returns the compiled executable."""
+    options = compiler_options(_platform(args, kwargs))
+    return jitted.lower(*args, **kwargs).compile(compiler_options=options)
 
 
 def _compile(key, jitted, *args, config: RegistrationConfig):
@@ -55,9 +83,8 @@ def _compile(key, jitted, *args, config: RegistrationConfig):
     with _compile_lock:  # batch threads asking at once compile once
         if key in _executables:
             return _executables[key], 0.0
-        enable_persistent_cache()
         start = time.perf_counter()
-        executable = jitted.lower(*args, config=config).compile()
+        executable = compile_jitted(jitted, *args, config=config)
         _executables[key] = executable
         return executable, time.perf_counter() - start
 
@@ -72,7 +99,6 @@ def compiled_program(config: RegistrationConfig, shape: tuple[int, int, int], wi
     return _compile(key, program, image, image, init, config=config)
 
 
-
 def compiled_batched_program(config: RegistrationConfig, shape: tuple[int, int, int], pairs: int):
     """The compiled program registering `pairs` same-grid pairs at once (vmap). On an accelerator
     this raises pairs per second while one pair leaves the device partly idle; on CPU it only
@@ -81,3 +107,40 @@ def compiled_batched_program(config: RegistrationConfig, shape: tuple[int, int, 
     return _compile((config, tuple(shape), "batched", pairs), batched_program, stack, stack, config=config)
 
 
+def configure(*, cache_dir: str | os.PathLike | None = DEFAULT_CACHE, min_compile_seconds: float = 0.5) -> dict:
+    """Keep compiled programs on disk, so that the next process loads them instead of compiling again.
+
+    This turns on JAX's persistent compilation cache, a setting of the whole process: jaxreg never
+    makes it by itself. The ``jaxreg`` commands call it; a program using jaxreg may too, before its
+    first compilation.
+
+    Arguments:
+        cache_dir: the folder (created if needed). The default is ``$JAXREG_CACHE_DIR`` when set
+            (empty: no cache), else ``~/.cache/jaxreg/xla``. None turns nothing on.
+        min_compile_seconds: programs that compile faster are not kept. JAX's own
+            ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS``, when set, wins.
+
+    Returns:
+        What was set: ``{"cache_dir": the folder in use or None, "min_compile_seconds": seconds or None}``.
+        A folder that cannot be created (e.g. a read-only home) logs one warning and sets nothing.
+    """
+    if cache_dir is DEFAULT_CACHE:
+        cache_dir = os.environ.get("JAXREG_CACHE_DIR", str(DEFAULT_CACHE))
+    settings = {"cache_dir": None, "min_compile_seconds": None}
+    if not cache_dir:
+        return settings
+    try:
+        folder = Path(cache_dir).expanduser()
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(f"{folder} is not writable")
+    except (OSError, RuntimeError) as err:  # read-only or missing home
+        log.warning("compiled programs are not kept between processes: cannot use %s (%s); "
+                    "set JAXREG_CACHE_DIR to a writable folder", cache_dir, err)
+        return settings
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    settings["cache_dir"] = str(folder)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # the user's own wins
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_seconds))
+        settings["min_compile_seconds"] = float(min_compile_seconds)
+    return settings

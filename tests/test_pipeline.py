@@ -88,7 +88,7 @@ def test_compiled_program_is_kept_on_disk_for_the_next_process(tmp_path):
     import sys
 
     script = ("import numpy as np, jaxreg; from jaxreg.registration import register; "
-              "from jaxreg.config import load_config; "
+              "from jaxreg.config import load_config; jaxreg.configure(); "
               "x = np.random.default_rng(0).random((16, 16, 16)).astype('float32'); "
               "register(x, x, config=load_config('fast', ['refine.iterations=2']))")
     # every program is kept (jaxreg keeps those that compile in 0.5 s or more; this one may not)

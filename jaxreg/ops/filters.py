@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 
-from .native import kernels
+from .native import dispatch, kernels
 
 SPATIAL = (-3, -2, -1)
 
@@ -49,27 +48,28 @@ def box_filter(x: jnp.ndarray, size: int = 3, axes=SPATIAL, mode: str = "zeros")
     jax_path = functools.partial(_box_filter_jax, size=size, axes=axes, mode=mode)
     if x.ndim < 3 or axes[0] < x.ndim - 3 or size > kernels.MAX_BOX_SIZE:  # the kernel's reach
         return jax_path(x)
-    return kernels.on_cpu(lambda v: _native_box(v, size, axes, mode), jax_path, x)
+    native = _native_box_zeros if mode == "zeros" else _native_box_edge
+    return dispatch.by_platform(lambda v: native(v, size, axes), jax_path, x)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _native_box(x, size, axes, mode):
-    return kernels.box_average(x, size, axes, mode == "edge")
+def _box_kernel(x, size: int, axes, mode: str):
+    """The box filter's kernel, or the JAX path where the kernel is not built."""
+    return dispatch.on_cpu(lambda v: kernels.box_average(v, size, axes, mode == "edge"),
+                           lambda v: _box_filter_jax(v, size, axes, mode), x)
 
 
-def _native_box_forward(x, size, axes, mode):
-    return _native_box(x, size, axes, mode), (x if mode == "edge" else None)
+@dispatch.with_vjp(lambda args, cotangent: (_native_box_zeros(cotangent, *args[1:]),), nondiff_argnums=(1, 2))
+def _native_box_zeros(x, size: int, axes):
+    """The zero-padded box average: its own transpose (symmetric window, fixed divisor), so its
+    gradient is the kernel too."""
+    return _box_kernel(x, size, axes, "zeros")
 
 
-def _native_box_backward(size, axes, mode, x, cotangent):
-    """The zero-padded box average is its own transpose (symmetric window, fixed divisor); the
-    edge-replicated one is not, so its gradient comes from autodiff of the JAX path."""
-    if mode == "zeros":
-        return (_native_box(cotangent, size, axes, mode),)
-    return jax.vjp(functools.partial(_box_filter_jax, size=size, axes=axes, mode=mode), x)[1](cotangent)
-
-
-_native_box.defvjp(_native_box_forward, _native_box_backward)
+@dispatch.jax_gradient(lambda x, size, axes: _box_filter_jax(x, size, axes, "edge"), nondiff_argnums=(1, 2))
+def _native_box_edge(x, size: int, axes):
+    """The edge-replicated box average, whose transpose is not a box filter: its gradient comes
+    from autodiff of the JAX path."""
+    return _box_kernel(x, size, axes, "edge")
 
 
 def _box_filter_jax(x: jnp.ndarray, size: int, axes, mode: str) -> jnp.ndarray:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .native import kernels
+from .native import dispatch, kernels
 
 # float32 products in full precision: GPUs would otherwise run einsum/matmul in TF32 (10-bit
 # mantissa), i.e. errors of ~0.1 voxel in affine coordinates and in interpolation weights.
@@ -95,22 +95,11 @@ def warp_field(field: jnp.ndarray, disp: jnp.ndarray, mode: str = "zeros") -> jn
     return _warp_channels(field, disp, mode)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+@dispatch.jax_gradient(lambda volume, disp, mode: _warp_channels_jax(volume, disp, mode), nondiff_argnums=(2,))
 def _warp_channels(volume: jnp.ndarray, disp: jnp.ndarray, mode: str) -> jnp.ndarray:
     """(C, X, Y, Z) `volume` at ``x + disp(x)``: the CPU kernel or :func:`_warp_channels_jax`;
     differentiated through the JAX path."""
     return kernels.warp_channels(volume, disp, mode, functools.partial(_warp_channels_jax, mode=mode))
-
-
-def _warp_channels_forward(volume, disp, mode):
-    return _warp_channels(volume, disp, mode), (volume, disp)
-
-
-def _warp_channels_backward(mode, residuals, cotangent):
-    return jax.vjp(functools.partial(_warp_channels_jax, mode=mode), *residuals)[1](cotangent)
-
-
-_warp_channels.defvjp(_warp_channels_forward, _warp_channels_backward)
 
 
 def _warp_channels_jax(volume: jnp.ndarray, disp: jnp.ndarray, mode: str) -> jnp.ndarray:

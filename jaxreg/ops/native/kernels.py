@@ -1,7 +1,7 @@
-"""Hand-written CPU kernels inside the jitted programs (XLA FFI), with the pure JAX path beside them.
+"""The C++ kernels' FFI calls (``cpu_kernels.cc``), each beside the choice of the JAX path that
+computes the same.
 
-These pieces of the pipeline run several times faster as C++ loops (``cpu_kernels.cc``) than as XLA's
-CPU code:
+These pieces of the pipeline run several times faster as C++ loops than as XLA's CPU code:
 
 - the trilinear sampling with slopes of the full-resolution level (XLA's gather copies element by
   element, and the corner index it reads is a full-size pass of its own);
@@ -20,137 +20,23 @@ CPU code:
 - MIND-SSC, pooled (each tile's twelve patch SSDs filtered in cache, where XLA stored the
   full-resolution SSD stack and read it back three times).
 
-They are compiled with the system C++ compiler on first use and cached per source, jaxlib, compiler
-and CPU (``~/.cache/jaxreg/native``, or ``$JAXREG_NATIVE_DIR``). They serve CPU programs only: GPU
-and TPU programs, machines without a compiler and ``JAXREG_NATIVE=0`` take the JAX path, which
-computes the same values (tested).
+Each public function takes the JAX path (``jax_path``) from its caller and dispatches with
+:func:`.dispatch.on_cpu`: the kernel in CPU programs, the JAX path on GPU and TPU, with
+``JAXREG_NATIVE=0`` and where the library cannot be built (:mod:`.library`). The ``_native_*``
+functions are the bare FFI calls; they run only in CPU programs once the library is registered.
 """
 
 from __future__ import annotations
-
-import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-log = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).with_name("cpu_kernels.cc")
-TARGETS = {  # FFI target name: the handler's symbol in the library
-    "jaxreg_trilinear": "JaxregTrilinear", "jaxreg_warped_ssd": "JaxregWarpedSsd",
-    "jaxreg_fold": "JaxregFold", "jaxreg_fold_mask": "JaxregFoldMask",
-    "jaxreg_unfold": "JaxregUnfold",
-    "jaxreg_cost_volume": "JaxregCostVolume", "jaxreg_coupled_argmin": "JaxregCoupledArgmin",
-    "jaxreg_box": "JaxregBox", "jaxreg_box_adam": "JaxregBoxAdam", "jaxreg_mind": "JaxregMind",
-    "jaxreg_sample": "JaxregSample", "jaxreg_lncc": "JaxregLncc",
-}
-# -march=native vectorises the sampling loop (gathers); the cache key holds the CPU's features, so a
-# cache shared by cluster nodes keeps one library per kind of CPU. -fno-trapping-math lets the
-# compiler turn the loop's selects into blends; no result depends on floating-point traps; and
-# -fno-math-errno lets the Adam loop's square roots vectorise (nothing reads errno). No fused
-# multiply-adds: the determinants round as the JAX path's do.
-FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=off", "-std=c++17",
-         "-shared", "-fPIC", "-w")
+from .dispatch import on_cpu
+from .library import available  # noqa: F401  (the kernels' users ask here whether they are built)
 
 MAX_CHANNELS = 64  # kMaxChannels in cpu_kernels.cc: jaxreg_warped_ssd's per-cell buffers
 MAX_BOX_SIZE = 33  # 2 kMaxRadius + 1: the widest window jaxreg_box takes
-
-_lock = threading.Lock()
-_state: dict = {}  # "ready": bool once decided; "library": the loaded ctypes library
-
-
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
-
-
-def _cache_folder() -> Path:
-    folder = os.environ.get("JAXREG_NATIVE_DIR")
-    return Path(folder) if folder else Path.home() / ".cache" / "jaxreg" / "native"
-
-
-def _cpu_identity() -> bytes:
-    """What -march=native depends on: the machine and, on Linux, the CPU's model and feature flags."""
-    identity = platform.machine()
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        identity += "".join(sorted({line for line in lines if line.startswith(("flags", "model name", "Features"))}))
-    except OSError:
-        identity += platform.processor()
-    return identity.encode()
-
-
-def _build(compiler: str) -> Path:
-    """The shared library for this source, jaxlib, compiler and CPU, compiled unless already cached."""
-    import jaxlib
-
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), jaxlib.__version__.encode(), compiler.encode(),
-                                     " ".join(FLAGS).encode(), _cpu_identity()])).hexdigest()[:16]
-    folder = _cache_folder()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:  # read-only home: build for this process only
-        folder = Path(tempfile.mkdtemp(prefix="jaxreg-native-"))
-    library = folder / f"jaxreg_cpu_{key}.so"
-    if library.exists():
-        return library
-    handle, partial = tempfile.mkstemp(suffix=".so", dir=folder)
-    os.close(handle)
-    try:
-        command = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", partial]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        if result.returncode != 0:
-            first = (result.stderr.strip().splitlines() or ["no output"])[0]
-            raise RuntimeError(f"{Path(compiler).name} failed: {first}")
-        os.replace(partial, library)  # atomic: processes building at once each finish a whole file
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
-    return library
-
-
-def available() -> bool:
-    """Whether the CPU kernels are built, loaded and registered with XLA (decided once per process).
-
-    A missing compiler or a failed build logs one warning and leaves jaxreg on the JAX path.
-    """
-    with _lock:
-        if "ready" not in _state:
-            _state["ready"] = False
-            if os.environ.get("JAXREG_NATIVE", "1").strip() in ("0", "false", "no", "off"):
-                return False
-            compiler = _compiler()
-            if compiler is None:
-                log.warning("no C++ compiler found (set CXX): jaxreg uses its pure JAX CPU path, "
-                            "about 2x slower per pair")
-                return False
-            try:
-                library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
-                for target, symbol in TARGETS.items():
-                    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
-            except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as err:
-                log.warning("could not build jaxreg's CPU kernels (%s): using the pure JAX path, "
-                            "about 2x slower per pair", err)
-                return False
-            _state["library"] = library  # keep it loaded for as long as XLA may call it
-            _state["ready"] = True
-        return _state["ready"]
-
-
-def on_cpu(native, jax_path, *args):
-    """`native` in CPU programs when the kernels are available, `jax_path` everywhere else."""
-    if not available():
-        return jax_path(*args)
-    return jax.lax.platform_dependent(*args, cpu=native, default=jax_path)
 
 
 def trilinear_with_slopes(disp: jnp.ndarray, volume: jnp.ndarray, jax_path):
@@ -314,7 +200,8 @@ def _native_lncc(warped, fixed, fixed_mean, fixed_var, window: int, epsilon: flo
 def box_adam(gradient, corrections, moments, params, size: int, coefficients):
     """One Adam step on `params` (B, X, Y, Z) from the zero-padded size^3 box average of `gradient`,
     in one pass: (first moment, second moment, params), updated in place. `corrections` is (2,), Adam's
-    bias corrections of this step; `coefficients` (1 - b1, b1, 1 - b2, b2, eps, -learning rate)."""
+    bias corrections of this step; `coefficients` (1 - b1, b1, 1 - b2, b2, eps, -learning rate).
+    A bare FFI call: only inside the `native` of :func:`.dispatch.on_cpu` (the Adam step's kernel path)."""
     names = ("one_minus_b1", "b1", "one_minus_b2", "b2", "eps", "minus_lr")
     call = jax.ffi.ffi_call("jaxreg_box_adam", (jax.ShapeDtypeStruct(params.shape, jnp.float32),) * 3,
                             input_output_aliases={2: 0, 3: 1, 4: 2}, vmap_method="sequential")
@@ -325,7 +212,8 @@ def box_adam(gradient, corrections, moments, params, size: int, coefficients):
 
 def box_average(x: jnp.ndarray, size: int, axes, edge: bool) -> jnp.ndarray:
     """The kernel's box average of odd width `size` (at most MAX_BOX_SIZE) along `axes` (a subset of
-    the last three), edge-replicated or zero-padded: what :func:`jaxreg.ops.filters.box_filter` computes."""
+    the last three), edge-replicated or zero-padded: what :func:`jaxreg.ops.filters.box_filter` computes.
+    A bare FFI call: through :func:`.dispatch.on_cpu`, with the JAX box filter beside it."""
     mask = sum(1 << (a % x.ndim - (x.ndim - 3)) for a in axes)
     volumes = x.reshape((-1,) + x.shape[-3:]).astype(jnp.float32)
     call = jax.ffi.ffi_call("jaxreg_box", jax.ShapeDtypeStruct(volumes.shape, jnp.float32), vmap_method="sequential")
