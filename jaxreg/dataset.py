@@ -2,9 +2,14 @@
 
 The LUMIR dataset JSON (``LUMIR25_dataset.json`` layout): ``validation`` is a list of
 ``{"fixed": "./imagesVal/X_0002_0000.nii.gz", "moving": "./imagesVal/X_0001_0000.nii.gz"}``, paths
-relative to the JSON's folder; the 4-digit subject ID is ``path[-16:-12]`` and the field of a pair
-is ``disp_{FIXED_ID}_{MOVING_ID}.nii.gz``. A typo fails in a second with a one-line message, not
-after an hour of registration. What to score on the pairs is :mod:`jaxreg.evaluation.config`.
+relative to the JSON's folder (or to a root folder given apart: LUMIR25's test phase mounts the JSON
+and the images separately); the 4-digit subject ID is ``path[-16:-12]`` and the field of a pair is
+``disp_{FIXED_ID}_{MOVING_ID}.nii.gz``, also when the images differ in modality. The last 4 digits
+are the modality (``_0000`` T1w, ``_0001`` another contrast in LUMIR25), as the official evaluator
+and the organisers' container example read them (``path[-11:-7]``); the JSON's ``modality`` object
+cannot say it (LUMIR25's names only ``0`` while its validation list holds ``_0001`` images). A typo
+fails in a second with a one-line message, not after an hour of registration. What to score on the
+pairs is :mod:`jaxreg.evaluation.config`.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from pathlib import Path
 
 from .errors import ConfigError, InputError
 
-__all__ = ["Pair", "existing_file", "find_dataset_json", "load_pairs", "read_json", "subject_id"]
+__all__ = ["Pair", "existing_file", "find_dataset_json", "load_pairs", "modality_code", "read_json", "subject_id"]
 
 _DATASET_JSON = "dataset.json"
 
@@ -32,23 +37,46 @@ def subject_id(path: str | os.PathLike) -> str:
     return sid
 
 
+def modality_code(path: str | os.PathLike) -> str | None:
+    """The 4-digit modality of a LUMIR file name, ``name[-11:-7]`` (``0001`` of ``X_4033_0001.nii.gz``),
+    or None for a name without the LUMIR ending."""
+    text = str(path)
+    code = text[-11:-7]
+    lumir = text.endswith(".nii.gz") and len(text) >= 17 and text[-17] == "_" and text[-12] == "_"
+    return code if lumir and code.isdigit() and text[-16:-12].isdigit() else None
+
+
 @dataclass(frozen=True)
 class Pair:
-    """One registration: the fixed and moving image files and their subject IDs.
+    """One registration: the fixed and moving image files, their subject IDs and modalities.
 
     Attributes:
-        fixed, moving: absolute paths of the images.
+        fixed, moving: absolute paths of the images (symbolic links kept: a layout of links finds
+            its label maps beside the links, as the official evaluator does).
         fixed_id, moving_id: 4-digit subject IDs (``path[-16:-12]``).
+        fixed_modality, moving_modality: 4-digit modality codes (``path[-11:-7]``), None when the
+            file names do not carry one (then nothing is known about the contrasts).
     """
 
     fixed: Path
     moving: Path
     fixed_id: str
     moving_id: str
+    fixed_modality: str | None = None
+    moving_modality: str | None = None
 
     @classmethod
     def from_paths(cls, fixed: str | os.PathLike, moving: str | os.PathLike) -> "Pair":
-        return cls(Path(fixed), Path(moving), subject_id(fixed), subject_id(moving))
+        return cls(Path(fixed), Path(moving), subject_id(fixed), subject_id(moving),
+                   modality_code(fixed), modality_code(moving))
+
+    @property
+    def modalities_differ(self) -> bool | None:
+        """True when the file names give the two images different modalities, False when the same,
+        None when either name carries none."""
+        if self.fixed_modality is None or self.moving_modality is None:
+            return None
+        return self.fixed_modality != self.moving_modality
 
     @property
     def field_name(self) -> str:
@@ -81,10 +109,11 @@ def read_json(path: Path, what: str) -> dict:
 
 
 def existing_file(base: Path, relative, what: str) -> Path:
-    """``base / relative`` resolved, which must be a file (`relative` as read from a JSON file)."""
+    """``base / relative`` made absolute, which must be a file (`relative` as read from a JSON file).
+    Symbolic links are kept, not resolved: files next to a link are looked for next to the link."""
     if not isinstance(relative, str) or not relative:
         raise ConfigError(f"{what}: expected a file path string, got {relative!r}.")
-    path = (base / relative).resolve()
+    path = Path(os.path.abspath(base / relative))
     if not path.is_file():
         raise InputError(f"{what} '{path}' does not exist: check the path (paths are relative to '{base}').")
     return path
@@ -138,7 +167,9 @@ def load_pairs(json_path: str | os.PathLike, split: str = "validation", *,
                               f"'fixed' and 'moving', got {entry!r} (split '{split}' may list single images).")
         fixed = existing_file(base, entry["fixed"], f"{split}[{index}] fixed image")
         moving = existing_file(base, entry["moving"], f"{split}[{index}] moving image")
-        pairs.append(Pair(fixed, moving, subject_id(entry["fixed"]), subject_id(entry["moving"])))
+        pairs.append(Pair(fixed, moving, subject_id(entry["fixed"]), subject_id(entry["moving"]),
+                          modality_code(entry["fixed"]), modality_code(entry["moving"])))
     if not pairs:
         raise ConfigError(f"dataset JSON '{json_path}': the '{split}' list is empty.")
     return pairs
+

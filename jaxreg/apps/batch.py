@@ -112,6 +112,20 @@ class BatchReport:
         """The number of failed pairs, capped at 125 (0 = every pair has its field)."""
         return min(len(self.failed), MAX_EXIT_CODE)
 
+    def contrast_lines(self) -> list[str]:
+        """One line per path the registered pairs took (``same-contrast`` / ``cross-contrast``) and
+        why, with the pairs: ``cross-contrast: 9 pairs, modalities differ (0000 <- 0001), by rule: 4024<-4033, ...``.
+        The reasons carry no per-pair figures here; the run log has each pair's."""
+        groups: dict[tuple[str, str], list[str]] = {}
+        for outcome in self.outcomes:
+            if "contrast_path" in outcome.contrast:
+                reason = outcome.contrast["contrast_reason"]
+                if "contrast_ncc" in outcome.contrast:  # the figure differs per pair: group by the verdict
+                    reason = "the guard found the contrasts " + ("agree" if outcome.contrast["intensity_used"] else "differ")
+                groups.setdefault((outcome.contrast["contrast_path"], reason), []).append(outcome.pair.label)
+        return [f"{path}: {len(labels)} pair{'s' if len(labels) != 1 else ''}, {reason}: {', '.join(labels)}"
+                for (path, reason), labels in groups.items()]
+
 
 # --------------------------------------------------------------------------------------------
 # planning: nothing compiled, nothing written

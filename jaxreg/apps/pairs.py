@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..dataset import Pair, subject_id
+from ..dataset import Pair, modality_code, subject_id
 from ..errors import ConfigError, InputError
 
 __all__ = ["check_unique_fields", "pair_id", "pairs_from_csv", "parse_shard", "select_shard"]
@@ -72,12 +72,13 @@ def pairs_from_csv(csv_path: str | os.PathLike) -> list[Pair]:
             text = (row.get(role) or "").strip()
             if not text:
                 raise ConfigError(f"pair list '{csv_path}', line {line}: empty '{role}' path.")
-            path = (base / text).resolve()
+            path = Path(os.path.abspath(base / text))  # links kept, as load_pairs keeps them
             if not path.is_file():
                 raise InputError(f"pair list '{csv_path}', line {line}: {role} image '{path}' does not exist: "
                                  "check the path (relative paths start at the CSV's folder).")
             paths.append(path)
-        pairs.append(Pair(paths[0], paths[1], pair_id(paths[0]), pair_id(paths[1])))
+        pairs.append(Pair(paths[0], paths[1], pair_id(paths[0]), pair_id(paths[1]),
+                          modality_code(paths[0].name), modality_code(paths[1].name)))
     check_unique_fields(pairs, str(csv_path))
     return pairs
 

@@ -174,7 +174,7 @@ def prepare(t1_path, *, labels_path=None, landmarks_path=None, config: AffineCon
     import jax.numpy as jnp
 
     from ..stages.affine import affine_search
-    from ..pipeline import normalise
+    from ..ops.intensity import normalise
 
     step = progress or (lambda name: None)
     step("reading")

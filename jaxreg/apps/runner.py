@@ -11,6 +11,12 @@ pulled through it correlates with the fixed image at least as well as through th
 NCC of the normalised images: the program's ``ncc_after`` against its ``ncc_before``, which is
 taken through the starting field); otherwise the start is written unchanged. So refinement never
 makes a field worse by that measure. Dice cannot be guarded without labels: the benchmark checks it.
+
+Modality by rule (:func:`contrast_plan`): a pair whose file names give its images different
+modalities (LUMIR25's ``_0000`` T1w fixed <- ``_0001`` moving) is registered without the preset's
+intensity terms, the path the content-based same-contrast guard takes when it sees the contrasts
+differ, decided up front. Other pairs keep the preset as it is, guard included. Each outcome says
+which path the pair took and why (:func:`contrast_record`).
 """
 
 from __future__ import annotations
@@ -34,8 +40,12 @@ from ..registration import Summary, check_pair, run_program
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PairJob", "PairOutcome", "PairTask", "guard_decision", "remove_stale_temporaries", "run_pair",
-           "score_pair"]
+__all__ = ["CROSS_CONTRAST", "SAME_CONTRAST", "PairJob", "PairOutcome", "PairTask", "contrast_plan",
+           "contrast_record", "guard_decision", "remove_stale_temporaries", "run_pair", "score_pair",
+           "without_intensity_terms"]
+
+SAME_CONTRAST = "same-contrast"  # MIND-SSC and the preset's intensity terms
+CROSS_CONTRAST = "cross-contrast"  # MIND-SSC alone
 
 
 @dataclass(frozen=True)
@@ -59,8 +69,10 @@ class PairOutcome:
         error: one line when failed. metrics: evaluation values when scored.
         device: the JAX device that ran it. guard: ``start_ncc``, ``ncc`` (global NCC through the
             start and through the refined field, higher is better) and ``kept_start``, when a
-            starting field was refined with the guard on. contrast: ``contrast_ncc`` and
-            ``intensity_used`` when the preset guards its intensity terms (``contrast.min_ncc``).
+            starting field was refined with the guard on. contrast: the path the pair took
+            (:func:`contrast_record`): ``contrast_path`` (``same-contrast``: intensity terms used;
+            ``cross-contrast``: MIND-SSC alone), ``contrast_reason``, and ``contrast_ncc`` /
+            ``intensity_used`` when the preset's guard decided (``contrast.min_ncc``).
     """
 
     pair: Pair
@@ -89,11 +101,54 @@ def guard_decision(summary: Summary) -> dict:
     return {"start_ncc": start_ncc, "ncc": result_ncc, "kept_start": not result_ncc >= start_ncc}
 
 
+def without_intensity_terms(config: RegistrationConfig) -> RegistrationConfig:
+    """`config` registering on MIND-SSC alone: no intensity channel in the feature level, no
+    full-resolution intensity level. What the same-contrast guard leaves of a preset when it finds
+    that the contrasts differ."""
+    return replace(config, refine=replace(config.refine, intensity_weight=0.0), fine=replace(config.fine, enabled=False))
+
+
+def _uses_intensity(config: RegistrationConfig) -> bool:
+    return config.refine.intensity_weight > 0 or config.fine.enabled
+
+
+def contrast_plan(pair: Pair, config: RegistrationConfig) -> tuple[RegistrationConfig, str | None]:
+    """The config a pair is registered with, and the rule's reason when it changed it.
+
+    A pair whose images differ in modality (:attr:`jaxreg.dataset.Pair.modalities_differ`) gets
+    :func:`without_intensity_terms`: the cross-contrast path by rule. Any other pair, of one
+    modality or of none known, keeps `config`, whose guard (if it has one) judges the images."""
+    if pair.modalities_differ and _uses_intensity(config):
+        return (without_intensity_terms(config),
+                f"modalities differ ({pair.fixed_modality} <- {pair.moving_modality}), by rule")
+    return config, None
+
+
+def contrast_record(pair: Pair, config: RegistrationConfig, summary: Summary) -> dict:
+    """Which path a registered pair took and why, for its outcome and the run log: ``contrast_path``,
+    ``contrast_reason`` and, when the guard decided, ``contrast_ncc`` and ``intensity_used``.
+    `config` is the preset as given (before :func:`contrast_plan`)."""
+    by_rule = contrast_plan(pair, config)[1]
+    if by_rule is not None:
+        return {"contrast_path": CROSS_CONTRAST, "contrast_reason": by_rule}
+    if not _uses_intensity(config):
+        return {"contrast_path": CROSS_CONTRAST, "contrast_reason": "the preset has no intensity terms"}
+    known = "" if pair.modalities_differ is None else f"modality {pair.fixed_modality} on both; "
+    if summary.contrast_ncc is None:
+        return {"contrast_path": SAME_CONTRAST, "contrast_reason": f"{known}the preset does not guard its intensity terms"}
+    used = summary.intensity_terms_used
+    return {"contrast_path": SAME_CONTRAST if used else CROSS_CONTRAST,
+            "contrast_reason": (f"{known}brain NCC {summary.contrast_ncc:.2f} after the coarse search: the contrasts "
+                                f"{'agree' if used else 'differ'} (guard)"),
+            "contrast_ncc": round(summary.contrast_ncc, 4), "intensity_used": used}
+
+
 def run_pair(job: PairJob, config: RegistrationConfig, *, guard: bool, device=None) -> PairOutcome:
     """Register one pair and write its field atomically; any failure is a ``failed`` outcome.
 
     `device`: compile for and run on this JAX device (several devices share a run); None runs on
-    JAX's default device with the program every other caller shares."""
+    JAX's default device with the program every other caller shares. The pair's modalities may
+    take the preset's intensity terms away (:func:`contrast_plan`)."""
     start = time.perf_counter()
     pair = job.pair
     device_name = str(device if device is not None else jax.devices()[0])
@@ -102,7 +157,7 @@ def run_pair(job: PairJob, config: RegistrationConfig, *, guard: bool, device=No
         moving, _ = load_volume(pair.moving, "moving image")
         check_pair(fixed, moving)  # same grid, large enough, neither image blank
         init = load_field(job.init, fixed.shape, "starting field") if job.init is not None else None
-        result = run_program(config, fixed, moving, init, device)
+        result = run_program(contrast_plan(pair, config)[0], fixed, moving, init, device)
         disp, guard_info = result.disp, {}
         if init is not None and guard:
             guard_info = guard_decision(result.summary)
@@ -118,8 +173,8 @@ def run_pair(job: PairJob, config: RegistrationConfig, *, guard: bool, device=No
         return PairOutcome(pair, "failed", error=f"{type(err).__name__}: {one_line(err)}",
                            wall_seconds=time.perf_counter() - start, device=device_name)
     summary = result.summary
-    contrast = ({} if summary.contrast_ncc is None else
-                {"contrast_ncc": round(summary.contrast_ncc, 4), "intensity_used": summary.intensity_terms_used})
+    contrast = contrast_record(pair, config, summary)
+    log.info("%s: %s (%s)", pair.label, contrast["contrast_path"], contrast["contrast_reason"])
     return PairOutcome(pair, "ok", seconds=summary.seconds, compile_seconds=summary.compile_seconds,
                        wall_seconds=time.perf_counter() - start, device=device_name, guard=guard_info,
                        contrast=contrast)

@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from ..dataset import Pair, existing_file, find_dataset_json, load_pairs, read_json, subject_id
+from ..dataset import Pair, existing_file, find_dataset_json, load_pairs, modality_code, read_json, subject_id
 from ..errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
@@ -77,6 +77,9 @@ class EvaluationConfig:
             None means every label found in the pair's two maps.
         expected_shape: the field grid (X, Y, Z) the config demands, or None (then the fixed image's).
         source: the config file, or a sentence describing the default that was used.
+        method_names: the config's ``evaluation_methods`` as ``{metric: name}`` in file order
+            (``{"ndv": "Non-diffeomorphic Volumes", "dice": "DSC", ...}``): the keys of the
+            official evaluator's ``metrics.json``; empty for the default rule.
     """
 
     name: str
@@ -85,6 +88,7 @@ class EvaluationConfig:
     hd95_labels: tuple[int, ...] | None = None
     expected_shape: tuple[int, int, int] | None = None
     source: str = field(default="", compare=False)
+    method_names: dict = field(default_factory=dict, compare=False)
 
 
 def load_keypoints_csv(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
@@ -225,7 +229,7 @@ def _config_pair(base: Path, entry: dict, index: int, metrics: tuple[str, ...],
     fixed_rel, moving_rel = entry["fixed"], entry["moving"]
     pair = Pair(existing_file(base, fixed_rel, f"eval_pairs[{index}] fixed image"),
                 existing_file(base, moving_rel, f"eval_pairs[{index}] moving image"),
-                subject_id(fixed_rel), subject_id(moving_rel))
+                subject_id(fixed_rel), subject_id(moving_rel), modality_code(fixed_rel), modality_code(moving_rel))
     files: dict = {}
     if any(m in metrics for m in _LABEL_METRICS):
         folder = label_dirs.get("dice", label_dirs.get("hd95"))
@@ -291,6 +295,7 @@ def load_evaluation_config(config_path: str | os.PathLike,
         hd95_labels=hd95_labels,
         expected_shape=_spatial_shape(data.get("expected_shape"), where),
         source=str(config_path),
+        method_names={m["metric"]: str(m.get("name", m["metric"])) for m in methods},
     )
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "summary_lines",
     "write_csv",
     "write_json",
+    "write_text_atomic",
 ]
 
 #: Pair-level values a report can hold, in display order.
@@ -231,7 +232,7 @@ def report_lines(report: EvaluationReport) -> list[str]:
 # files
 # --------------------------------------------------------------------------------------------
 
-def _atomic_write_text(text: str, path: str | os.PathLike) -> Path:
+def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
     """Write `text` through a temporary file in the target folder, then rename (never a truncated report)."""
     with atomic_output(path) as tmp:
         with open(tmp, "w", encoding="utf-8", newline="") as handle:
@@ -242,7 +243,7 @@ def _atomic_write_text(text: str, path: str | os.PathLike) -> Path:
 def write_json(report: EvaluationReport, path: str | os.PathLike) -> Path:
     """The whole report as JSON (atomic). NaN and inf are written as ``NaN`` / ``Infinity``, as the
     LUMIR evaluator does; Python's ``json`` reads them back."""
-    return _atomic_write_text(json.dumps(report.to_dict(), indent=2, allow_nan=True) + "\n", path)
+    return write_text_atomic(json.dumps(report.to_dict(), indent=2, allow_nan=True) + "\n", path)
 
 
 def _cell(value) -> str:
@@ -264,4 +265,4 @@ def write_csv(report: EvaluationReport, path: str | os.PathLike) -> Path:
                          " ".join(str(v) for v in p.details.get("hd95_vanished", [])),
                          " ".join(str(v) for v in p.details.get("tre_vanished", [])),
                          f"{p.seconds:.2f}", p.error or ""])
-    return _atomic_write_text(buffer.getvalue(), path)
+    return write_text_atomic(buffer.getvalue(), path)
