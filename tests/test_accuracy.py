@@ -122,6 +122,7 @@ def test_fold_margin_penalises_cells_whose_jacobian_falls_below_it():
     np.testing.assert_allclose(float(fold_penalty(jnp.asarray(squeeze), 0.3)), 0.1 ** 2, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_lumir_preset_recovers_a_known_deformation_better_than_the_baseline_without_folds():
     from jaxreg.registration import register
     baseline = register(FIXED, MOVING, preset="convexadam-lumir").disp

@@ -96,6 +96,7 @@ def test_rerun_skips_finished_pairs_and_refuses_another_config(dataset, tmp_path
     assert code == 2 and stderr.startswith("error: ") and stderr.count("\n") == 1 and "another configuration" in stderr
 
 
+@pytest.mark.slow
 def test_resume_after_killed_run(tmp_path, capsys):
     dataset = make_dataset(tmp_path / "data", subjects=9)
     out = tmp_path / "out"

@@ -2,6 +2,7 @@
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from jaxreg.apps.benchmark import fine_step_bytes, refine_step_bytes, run_benchmark
 from jaxreg.config import load_config
@@ -27,6 +28,7 @@ def test_benchmark_reports_compile_stages_memory_and_bandwidth(tmp_path):
     assert abs(report.refine_floor_seconds - expected) < 1e-9
 
 
+@pytest.mark.slow
 def test_benchmark_times_the_full_resolution_level_and_the_fold_repair(tmp_path):
     fixed = brain()
     for name, data in [("f", fixed), ("m", pull(fixed, smooth_field()))]:
@@ -90,7 +92,6 @@ def test_throughput_and_scaling_rows_count_pairs_and_halve_the_grid():
 def test_reference_timing_needs_an_environment_with_convexadam(tmp_path):
     import sys
 
-    import pytest
 
     from jaxreg.errors import InputError
     from jaxreg.apps.reference import time_reference
@@ -103,7 +104,6 @@ def test_reference_timing_needs_an_environment_with_convexadam(tmp_path):
 
 def test_throughput_beyond_the_free_memory_is_refused_in_one_line(tmp_path, capsys):
     import jax
-    import pytest
 
     from jaxreg.cli.main import main
 

@@ -10,6 +10,7 @@ import time
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from synthetic import brain, pull, smooth_field
 from synthetic_datasets import ENTRY, FAST
@@ -38,6 +39,7 @@ def _read_until_exit(master: int, proc: subprocess.Popen, marker: bytes, timeout
     return seen.decode("utf-8", errors="replace"), alive_at_marker
 
 
+@pytest.mark.slow
 def test_register_shows_its_steps_on_a_terminal_while_it_runs(tmp_path):
     fixed = brain()
     for name, data in [("fixed", fixed), ("moving", pull(fixed, smooth_field(amplitude=2.0)))]:

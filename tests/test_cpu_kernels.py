@@ -494,6 +494,7 @@ def test_without_a_writable_home_the_library_is_built_in_a_temporary_folder(fres
     assert len(caplog.records) == 1 and str(first) in caplog.records[0].getMessage()
 
 
+@pytest.mark.slow
 @needs_kernel
 def test_the_library_is_built_once_and_reused(monkeypatch, tmp_path):
     monkeypatch.setenv("JAXREG_NATIVE_DIR", str(tmp_path))

@@ -82,6 +82,7 @@ def test_public_api_one_call_on_arrays():
     assert set(api.preset_names()) >= {"lumir", "convexadam-lumir", "fast"}
 
 
+@pytest.mark.slow
 def test_compiled_program_is_kept_on_disk_for_the_next_process(tmp_path):
     import os
     import subprocess

@@ -47,6 +47,7 @@ def prepared_native(tmp_path_factory):
     return path, templ, points, prepare(path, landmarks_path=csv_path)
 
 
+@pytest.mark.slow
 def test_prepare_recovers_the_template_and_carries_landmarks(prepared_native):
     path, templ, points, prepared = prepared_native
     assert prepared.image.shape == (160, 224, 192) and prepared.image.dtype == np.uint8
@@ -96,6 +97,7 @@ def test_prepare_refuses_what_cannot_work(tmp_path):
         prepare(tiny)
 
 
+@pytest.mark.slow
 def test_cli_prepare_folder_writes_dataset_json(tmp_path, capsys):
     path, _, _, _ = _native_from_template(tmp_path)
     folder = tmp_path / "in"
@@ -126,6 +128,7 @@ def test_prepare_agrees_with_the_trusted_niftyreg_conversion():
     assert np.linalg.norm(found - ref_points, axis=1).mean() < 3.0
 
 
+@pytest.mark.slow
 def test_prepare_warns_when_the_image_looks_like_it_has_a_skull(tmp_path):
     head = np.zeros((180, 200, 170), np.float32)
     grid = np.indices(head.shape, dtype=np.float32)

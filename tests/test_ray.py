@@ -78,6 +78,7 @@ def _kill_first_running_task(killed: list, stop: threading.Event) -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds Ray workers through /proc")
 def test_ray_cluster_matches_local_survives_a_killed_worker_and_resumes(ray_cluster, tmp_path, capsys):
     dataset = make_dataset(tmp_path / "data", subjects=7)  # 6 pairs

@@ -83,6 +83,7 @@ def _clean_env(**changes) -> dict:
     return env | changes
 
 
+@pytest.mark.slow
 def test_configure_turns_the_compilation_cache_on_and_returns_what_it_set(tmp_path):
     folder = tmp_path / "xla"
     report, _ = _configure(_clean_env(), cache_dir=str(folder), min_compile_seconds=2.0)
