@@ -233,6 +233,12 @@ class RegistrationConfig:
     fine: FineConfig = field(default_factory=FineConfig)
     unfold: UnfoldConfig = field(default_factory=UnfoldConfig)
 
+    @property
+    def uses_intensity_terms(self) -> bool:
+        """Whether the program matches intensities (the refine channel or the full-resolution level),
+        the terms that assume one contrast and that the contrast guard or rule may take away."""
+        return self.refine.intensity_weight > 0 or self.fine.enabled
+
 
 STAGES = {"affine": AffineConfig, "features": FeatureConfig, "coarse": CoarseConfig, "contrast": ContrastConfig,
           "refine": RefineConfig, "fine": FineConfig, "unfold": UnfoldConfig}

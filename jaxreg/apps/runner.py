@@ -108,17 +108,13 @@ def without_intensity_terms(config: RegistrationConfig) -> RegistrationConfig:
     return replace(config, refine=replace(config.refine, intensity_weight=0.0), fine=replace(config.fine, enabled=False))
 
 
-def _uses_intensity(config: RegistrationConfig) -> bool:
-    return config.refine.intensity_weight > 0 or config.fine.enabled
-
-
 def contrast_plan(pair: Pair, config: RegistrationConfig) -> tuple[RegistrationConfig, str | None]:
     """The config a pair is registered with, and the rule's reason when it changed it.
 
     A pair whose images differ in modality (:attr:`jaxreg.dataset.Pair.modalities_differ`) gets
     :func:`without_intensity_terms`: the cross-contrast path by rule. Any other pair, of one
     modality or of none known, keeps `config`, whose guard (if it has one) judges the images."""
-    if pair.modalities_differ and _uses_intensity(config):
+    if pair.modalities_differ and config.uses_intensity_terms:
         return (without_intensity_terms(config),
                 f"modalities differ ({pair.fixed_modality} <- {pair.moving_modality}), by rule")
     return config, None
@@ -131,7 +127,7 @@ def contrast_record(pair: Pair, config: RegistrationConfig, summary: Summary) ->
     by_rule = contrast_plan(pair, config)[1]
     if by_rule is not None:
         return {"contrast_path": CROSS_CONTRAST, "contrast_reason": by_rule}
-    if not _uses_intensity(config):
+    if not config.uses_intensity_terms:
         return {"contrast_path": CROSS_CONTRAST, "contrast_reason": "the preset has no intensity terms"}
     known = "" if pair.modalities_differ is None else f"modality {pair.fixed_modality} on both; "
     if summary.contrast_ncc is None:

@@ -17,8 +17,7 @@ from ..ops.warp import warp
 
 def guards(config: RegistrationConfig) -> bool:
     """Whether `config` has intensity terms and a threshold to guard them with."""
-    uses_intensity = config.refine.intensity_weight > 0 or config.fine.enabled
-    return uses_intensity and config.contrast.min_ncc > -1
+    return config.uses_intensity_terms and config.contrast.min_ncc > -1
 
 
 def contrasts_agree(fixed_n: jnp.ndarray, moving_n: jnp.ndarray, disp: jnp.ndarray, config: RegistrationConfig):
