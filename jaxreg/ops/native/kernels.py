@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from .dispatch import on_cpu
-from .library import available  # noqa: F401  (the kernels' users ask here whether they are built)
 
 MAX_CHANNELS = 64  # kMaxChannels in cpu_kernels.cc: jaxreg_warped_ssd's per-cell buffers
 MAX_BOX_SIZE = 33  # 2 kMaxRadius + 1: the widest window jaxreg_box takes
