@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import typer
 
+from .evaluate import FIELD_CONVENTION_HELP, FieldConvention
 from .terminal import counting, duration, plural, say, warn
 
 PRESET_HELP = "Preset name (see `jaxreg presets`) or path to a TOML config."
@@ -16,10 +17,12 @@ SET_HELP = "Override a config value, e.g. --set coarse.enabled=false (repeatable
 
 
 def plan_line(event, header: str) -> str:
-    """``batch: 13 pairs, 10 to register, 2 finished earlier, 1 refused by the checks; preset lumir -> out``."""
+    """``batch: 13 pairs, 10 to register, 2 finished earlier (1 still to invert), 1 refused by the
+    checks; preset lumir -> out``."""
     refused = event.failed_checks
+    to_invert = f" ({event.to_invert} still to invert)" if event.to_invert else ""
     return (f"batch: {plural(event.total, 'pair')}, {event.to_register} to register, {event.finished_earlier} "
-            f"finished earlier{f', {refused} refused by the checks' if refused else ''}; {header}")
+            f"finished earlier{to_invert}{f', {refused} refused by the checks' if refused else ''}; {header}")
 
 
 def pair_line(event) -> str:
@@ -30,7 +33,7 @@ def pair_line(event) -> str:
     if o.status == "failed":
         return head + f"FAILED   {o.error}"
     if o.status == "skipped":
-        text = head + "skipped  (finished earlier)"
+        text = head + "skipped  (finished earlier" + ("; inverted now)" if o.inverse else ")")
     else:
         text = head + f"ok {o.seconds:8.1f} s"
         if o.compile_seconds:
@@ -39,6 +42,8 @@ def pair_line(event) -> str:
             text += "  kept the start (refinement matched worse)"
         if o.contrast.get("contrast_path") == "cross-contrast":
             text += f"  MIND-SSC only ({o.contrast['contrast_reason']})"
+    if o.inverse:
+        text += f"  inverse p99 {o.inverse['inverse_moving_p99']:.2g} vox"
     if "dice" in o.metrics:
         text += f"  Dice {o.metrics['dice']:.4f}"
     return text + (f"  ETA {duration(event.eta_seconds)}" if event.eta_seconds else "")
@@ -54,9 +59,17 @@ def batch_command(
     submission: Optional[Path] = typer.Option(
         None, "--submission", help="Also write the LUMIR submission zip: NAME.zip holding NAME/disp_*.nii.gz."),
     init_fields: Optional[Path] = typer.Option(
-        None, "--init-fields", help="Start each pair from DIR/disp_FIXED_MOVING.nii.gz (e.g. a learned model's output)."),
+        None, "--init-fields", help="Start each pair from DIR/disp_FIXED_MOVING.nii.gz (e.g. a learned model's output; "
+        "LUMIR or ITK fields, see --field-convention)."),
     guard: bool = typer.Option(True, "--guard/--no-guard",
                                help="With --init-fields: keep the start when the refined field matches the images worse."),
+    field_convention: FieldConvention = typer.Option(
+        FieldConvention.auto, "--field-convention",
+        help="The --init-fields fields' convention: " + FIELD_CONVENTION_HELP),
+    inverse: bool = typer.Option(
+        False, "--inverse", help="Also write each field's inverse beside it, inverse_FIXED_MOVING.nii.gz (on the "
+        "moving grid; never in the submission zip), with its consistency in run_log.jsonl. A resumed run inverts "
+        "fields finished earlier without one, without registering them again."),
     root: Optional[Path] = typer.Option(
         None, "--root", help="Folder the dataset JSON's relative paths start from (default: the JSON's folder; "
         "LUMIR25 keeps the JSON apart from the images)."),
@@ -128,7 +141,8 @@ def batch_command(
                 bar.advance(pair_line(event), eta=event.eta_seconds)
 
         report = run_batch(pairs, output_dir, config=config, init_fields=init_fields, evaluation=evaluation,
-                           guard=guard, executor=executor, threads_per_device=threads_per_device, progress=progress)
+                           guard=guard, executor=executor, threads_per_device=threads_per_device, progress=progress,
+                           inverse=inverse, init_convention=field_convention.value)
 
     if report.evaluation is not None:
         for line in report_lines(report.evaluation):
@@ -148,6 +162,8 @@ def batch_command(
             typer.echo(f"submission: {write_submission(output_dir, pairs, submission)}")
     for line in report.contrast_lines():
         typer.echo(line)
+    if report.inverse_line() is not None:
+        typer.echo(report.inverse_line())
     per_pair = report.seconds_per_pair
     typer.echo(f"batch: {report.count('ok')} ok, {report.count('skipped')} skipped, {report.count('failed')} failed "
                f"of {plural(len(report.outcomes), 'pair')} in {duration(time.perf_counter() - started)}"

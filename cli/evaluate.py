@@ -17,6 +17,20 @@ class NdvMask(str, Enum):
     moving = "moving"
 
 
+class FieldConvention(str, Enum):
+    """How a given field file is read (``jaxreg.transforms.detect_convention``); shared by the
+    commands that take fields made elsewhere."""
+
+    auto = "auto"
+    lumir = "lumir"
+    itk = "itk"
+
+
+FIELD_CONVENTION_HELP = ("lumir (voxels on the fixed grid), itk (an ITK displacement field in LPS mm, as ANTs, "
+                         "Greedy, elastix or SimpleITK write it; converted with the images' headers) or auto: "
+                         "each file's header says (ITK writers set the vector intent).")
+
+
 def evaluate_command(
     dataset_dir: Path = typer.Argument(..., help="Dataset folder (dataset.json, imagesVal/, labelsVal/, ...)."),
     fields_dir: Path = typer.Argument(..., help="Folder holding disp_FIXED_MOVING.nii.gz fields."),
@@ -39,6 +53,8 @@ def evaluate_command(
     allow_missing: bool = typer.Option(
         False, "--allow-missing", help="Score the fields that exist and list the missing ones (exit 0) instead of "
         "refusing to start."),
+    field_convention: FieldConvention = typer.Option(
+        FieldConvention.auto, "--field-convention", help="The fields' convention: " + FIELD_CONVENTION_HELP),
 ) -> None:
     """Score displacement fields with the LUMIR metrics (Dice, HD95, TRE, NDV) and SDlogJ.
 
@@ -58,7 +74,7 @@ def evaluate_command(
             check_output_file(path, what)
     if lumir25 is not None or len(config or []) > 1:
         return _evaluate_lumir25(dataset_dir, fields_dir, config or [], lumir25, output, csv_path, workers,
-                                 allow_missing, started)
+                                 allow_missing, field_convention.value, started)
     evaluation = resolve_evaluation_config(dataset_dir, config[0] if config else None)
     typer.echo(f"config: {evaluation.source}")
     typer.echo(f"fields: {fields_dir}  ({plural(len(evaluation.pairs), 'pair')}, "
@@ -71,7 +87,8 @@ def evaluate_command(
             bar.advance()
 
         report = evaluate_fields(fields_dir, evaluation, ndv_mask=ndv_mask.value, keypoint_order=keypoint_order,
-                                 workers=workers, progress=row, allow_missing=allow_missing)
+                                 workers=workers, progress=row, allow_missing=allow_missing,
+                                 field_convention=field_convention.value)
     for line in [""] + summary_lines(report):
         typer.echo(line)
     if output is not None:
@@ -93,7 +110,7 @@ def evaluate_command(
 
 
 def _evaluate_lumir25(dataset_dir, fields_dir, configs, ground_truth, output, csv_path, workers, allow_missing,
-                      started) -> None:
+                      field_convention, started) -> None:
     """`jaxreg evaluate --lumir25` / several --config: the leaderboard's tasks and aggregates."""
     from jaxreg.errors import InputError
     from jaxreg.evaluation.lumir25 import (evaluate_lumir25, lumir25_config_paths, lumir25_lines, write_lumir25_csv,
@@ -103,7 +120,7 @@ def _evaluate_lumir25(dataset_dir, fields_dir, configs, ground_truth, output, cs
     typer.echo(f"configs: {', '.join(str(p) for p in paths)}; paths relative to {dataset_dir}; NDV mask: fixed image > 0")
     with counting("scoring", None) as bar:
         report = evaluate_lumir25(fields_dir, paths, dataset_dir, workers=workers, allow_missing=allow_missing,
-                                  progress=lambda path, result: bar.advance())
+                                  progress=lambda path, result: bar.advance(), field_convention=field_convention)
     for line in lumir25_lines(report):
         typer.echo(line)
     if output is not None:

@@ -10,6 +10,7 @@ from typing import List, Optional
 
 import typer
 
+from .evaluate import FIELD_CONVENTION_HELP, FieldConvention
 from .terminal import duration, say, steps
 
 PRESET_HELP = "Preset name (see `jaxreg presets`) or path to a TOML config."
@@ -71,14 +72,25 @@ def _check_outputs(output: Path, *, moved: Optional[Path] = None, labels: list[t
             raise InputError(f"output '{path}' is one of the inputs: it would be overwritten; give another name.")
 
 
+def _starting_field(init_disp: Optional[Path], fixed: Path, moving: Path, convention: str):
+    """The --init-disp field as `register_files` takes it: a LUMIR file as its path, an ITK
+    displacement field converted to a LUMIR array with the images' headers."""
+    from jaxreg.transforms import detect_convention, load_as_lumir
+
+    if init_disp is None or detect_convention(init_disp, convention, "--init-disp field") == "lumir":
+        return init_disp
+    return load_as_lumir(init_disp, fixed=fixed, moving=moving, convention="itk", what="--init-disp field")
+
+
 def _register_and_report(fixed: Path, moving: Path, output: Path, *, moved: Optional[Path], labels, preset: str,
                          overrides: tuple, init_disp: Optional[Path], qc: Optional[Path], started: float,
-                         inverse: Optional[Path] = None) -> tuple:
+                         inverse: Optional[Path] = None, init_convention: str = "auto") -> tuple:
     """Register (showing each step), draw the QC picture if asked, print the summary."""
     from jaxreg.config import load_config
     from jaxreg.registration import register_files
 
     config = load_config(preset, overrides)  # a bad preset or key fails before the images are read
+    init_disp = _starting_field(init_disp, fixed, moving, init_convention)
     with steps() as step:
         result, written = register_files(fixed, moving, output, moved_output=moved, warp_labels=labels,
                                          config=config, init_disp=init_disp, progress=step)
@@ -114,7 +126,12 @@ def register_command(
     warp_labels: Optional[List[Path]] = typer.Option(
         None, "--warp-labels", help="Moving label map to warp (nearest neighbour); written next to the field as "
         "warped_<name>, in the label map's own data type (repeatable)."),
-    init_disp: Optional[Path] = typer.Option(None, "--init-disp", help="Start from this LUMIR field (e.g. a learned model's output)."),
+    init_disp: Optional[Path] = typer.Option(
+        None, "--init-disp",
+        help="Start from this field (e.g. a learned model's output, or another tool's ITK field)."),
+    field_convention: FieldConvention = typer.Option(
+        FieldConvention.auto, "--field-convention",
+        help="The --init-disp field's convention: " + FIELD_CONVENTION_HELP),
     summary_json: Optional[Path] = typer.Option(None, "--summary", help="Write the run summary as JSON."),
     qc: Optional[Path] = typer.Option(None, "--qc", help="Also write a quality-control picture into this folder."),
     inverse: Optional[Path] = typer.Option(
@@ -132,7 +149,7 @@ def register_command(
     enable_compile_cache()
     result, written = _register_and_report(fixed, moving, output, moved=moved, labels=labels, preset=preset,
                                            overrides=tuple(set_ or ()), init_disp=init_disp, qc=qc, started=started,
-                                           inverse=inverse)
+                                           inverse=inverse, init_convention=field_convention.value)
     if summary_json is not None:
         summary = dict(result.summary.as_dict(), outputs={k: str(v) for k, v in written.items()})
         with atomic_output(summary_json) as tmp:

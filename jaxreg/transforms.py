@@ -14,6 +14,11 @@ nibabel's affines (``vox2world``) map voxel indices to RAS millimetres; ITK's ph
 what ANTs and SimpleITK write) as stored, i.e. LPS, but negates x and y of a NIfTI ``displacement
 vector`` (intent 1006), which the NIfTI standard defines in RAS; both are read here.
 
+A field file says its convention in its header (:func:`detect_convention`): every ITK writer (ANTs,
+Greedy, elastix, SimpleITK, so FireANTs) sets the vector intent, a LUMIR field has none. Commands that
+take a field (``evaluate``, ``--init-disp``, ``batch --init-fields``) read either through
+:func:`load_as_lumir`.
+
 Everything here is NumPy/SciPy on the host, computed in float64 one slab of the first axis at a time.
 """
 
@@ -27,8 +32,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from .errors import InputError
-from .io import FIELD_GZIP_LEVEL, atomic_output, atomic_save, check_finite, load_nifti
+from .errors import ConfigError, InputError, one_line
+from .io import FIELD_GZIP_LEVEL, atomic_output, atomic_save, check_finite, load_field, load_nifti
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,7 @@ INTENT_VECTOR = 1007  # NIFTI_INTENT_VECTOR: ITK reads the values as they are (L
 INTENT_DISPLACEMENT = 1006  # NIFTI_INTENT_DISPVECT: RAS by the NIfTI standard
 SHEAR_TOLERANCE = 1e-3  # |cos| between voxel axes that ITK's NIfTI reader still takes as orthogonal
 SAME_GRID_MM = 1e-4  # two vox2world that differ by less than this are one grid
+FIELD_CONVENTIONS = ("auto", "lumir", "itk")
 
 
 def _slab_points(shape, x: int) -> np.ndarray:
@@ -131,16 +137,36 @@ def itk_to_lumir(itk_disp: np.ndarray, field_vox2world: np.ndarray, fixed_shape,
 # files: ITK displacement fields (NIfTI) and ITK affine transforms (text)
 # --------------------------------------------------------------------------------------------
 
+def _open_header(path: str | os.PathLike, what: str) -> nib.Nifti1Image:
+    """The NIfTI at `path`, its data not read; one-line errors for a missing or damaged file."""
+    try:
+        return nib.load(str(path))
+    except FileNotFoundError:
+        raise InputError(f"{what} '{path}' does not exist: check the path.") from None
+    except Exception as err:  # nibabel raises many types for a damaged header
+        raise InputError(f"{what} '{path}' cannot be read as NIfTI ({one_line(err)}): is the file complete?") from None
+
+
+def _field_layout(path: str | os.PathLike, what: str) -> tuple[tuple[int, ...], int]:
+    """(stored shape, intent code) of a NIfTI field, from its header alone."""
+    header = _open_header(path, what).header
+    return tuple(int(n) for n in header.get_data_shape()), int(header["intent_code"])
+
+
+def _image_grid(path: str | os.PathLike, what: str) -> tuple[tuple[int, int, int], np.ndarray]:
+    """(shape, vox2world) of an image, from its header alone."""
+    img = _open_header(path, what)
+    return tuple(int(n) for n in img.shape[:3]), np.asarray(img.affine, np.float64)
+
+
 def is_itk_field(path: str | os.PathLike) -> bool:
     """Whether a NIfTI file is shaped like an ITK displacement field: 5-D [X,Y,Z,1,3] (ANTs,
     Greedy, SimpleITK) or a vector / displacement-vector intent."""
     try:
-        header = nib.load(str(path)).header
-    except Exception:  # unreadable: the caller's own reader reports it
+        shape, intent = _field_layout(path, "field")
+    except InputError:  # unreadable: the caller's own reader reports it
         return False
-    shape = header.get_data_shape()
-    intent = int(header["intent_code"])
-    return (len(shape) == 5 and shape[3] == 1 and shape[4] == 3) or intent in (INTENT_VECTOR, INTENT_DISPLACEMENT)
+    return (len(shape) == 5 and shape[3:] == (1, 3)) or intent in (INTENT_VECTOR, INTENT_DISPLACEMENT)
 
 
 def load_itk_field(path: str | os.PathLike, what: str = "ITK displacement field") -> tuple[np.ndarray, np.ndarray]:
@@ -159,6 +185,53 @@ def load_itk_field(path: str | os.PathLike, what: str = "ITK displacement field"
     check_finite(vectors, f"{what} '{path}'")
     check_itk_grid(img.affine, f"{what} '{path}'")
     return vectors, np.asarray(img.affine, np.float64)
+
+
+def detect_convention(path: str | os.PathLike, convention: str = "auto", what: str = "displacement field") -> str:
+    """The convention of the field file at `path`: ``lumir`` or ``itk``.
+
+    ``auto`` reads it from the header: a vector or displacement-vector intent (1007, 1006) is an ITK
+    field (every ITK writer sets it); a field without one is LUMIR's, unless it is stored 5-D
+    [X, Y, Z, 1, 3], ITK's layout, which a LUMIR field may also take: that is ambiguous, and
+    refused with a line saying to choose. ``lumir`` or ``itk`` is returned as given.
+    """
+    if convention not in FIELD_CONVENTIONS:
+        raise ConfigError(f"field convention must be one of {', '.join(FIELD_CONVENTIONS)}, got {convention!r}.")
+    if convention != "auto":
+        return convention
+    shape, intent = _field_layout(path, what)
+    if intent in (INTENT_VECTOR, INTENT_DISPLACEMENT):
+        return "itk"
+    if len(shape) == 5 and shape[3:] == (1, 3):
+        raise InputError(f"{what} '{path}' is stored [X,Y,Z,1,3] without a vector intent: it may be an ITK field "
+                         "(LPS mm) or a LUMIR field (voxels); say which with --field-convention itk or lumir.")
+    return "lumir"
+
+
+def load_as_lumir(path: str | os.PathLike, *, fixed: str | os.PathLike, moving: str | os.PathLike,
+                  convention: str = "auto", shape=None, what: str = "displacement field") -> np.ndarray:
+    """A field file in either convention as a LUMIR field (3, X, Y, Z) float32 on the fixed grid.
+
+    Arguments:
+        path: a LUMIR field, or an ITK displacement field on the fixed grid or any grid covering it.
+        fixed, moving: the registered images (paths); their headers place an ITK field's two ends.
+        convention: ``auto`` (:func:`detect_convention`), ``lumir`` or ``itk``.
+        shape: the fixed grid the field must be on (default: the fixed image's).
+        what: how the field is named in error messages.
+    """
+    if detect_convention(path, convention, what) == "lumir":
+        return load_field(path, tuple(shape) if shape is not None else _image_grid(fixed, "fixed image")[0], what)
+    fixed_shape, fixed_vox2world = _image_grid(fixed, "fixed image")
+    _, moving_vox2world = _image_grid(moving, "moving image")
+    if shape is not None and tuple(shape) != fixed_shape:
+        raise InputError(f"the fixed image '{fixed}' is on a {fixed_shape} grid, not {tuple(shape)}: "
+                         f"the ITK field '{path}' cannot be placed on the expected grid.")
+    check_itk_grid(fixed_vox2world, f"fixed image '{fixed}'")
+    check_itk_grid(moving_vox2world, f"moving image '{moving}'")
+    vectors, field_vox2world = load_itk_field(path, what)
+    if not same_grid(vectors.shape[:3], field_vox2world, fixed_shape, fixed_vox2world):
+        log.warning("the ITK field '%s' is not on the fixed image's grid: it is resampled trilinearly onto it", path)
+    return itk_to_lumir(vectors, field_vox2world, fixed_shape, fixed_vox2world, moving_vox2world)
 
 
 def save_itk_field(itk_disp: np.ndarray, path: str | os.PathLike, vox2world: np.ndarray) -> Path:

@@ -9,10 +9,18 @@ pairs (:mod:`jaxreg.apps.runner`: one field written atomically per pair, so a ki
 either nothing or a complete file under the final name); temporary files a killed run left behind
 are removed when the run is started again, and finished pairs are skipped.
 
+With ``inverse``, each field's inverse is written beside it once the field is saved; a pair whose
+field an earlier run finished but whose inverse is missing (a run without ``inverse``, or killed
+between the two writes) gets its inverse from the saved field, without registering again.
+
 Output folder:
     ``disp_{FIXED}_{MOVING}.nii.gz``  one LUMIR field per pair;
+    ``inverse_{FIXED}_{MOVING}.nii.gz`` with ``inverse``: its inverse, a LUMIR field on the moving
+                                       grid (:func:`jaxreg.apps.runner.inverse_name`; no evaluator
+                                       or submission takes it for a field);
     ``run_log.jsonl``                  one JSON line per pair and run (status ok/skipped/failed,
-                                       seconds, error, metrics when evaluated, guard figures);
+                                       seconds, error, metrics when evaluated, guard figures, the
+                                       inverse's consistency when one was written);
     ``run_config.json``                the registration config used (a re-run with another config
                                        into the same folder is refused, so fields never mix);
     ``evaluation.json``                the evaluation report, when the run evaluates.
@@ -45,9 +53,10 @@ from ..errors import ConfigError, InputError, JaxregError, one_line
 from ..evaluation.config import EvaluationConfig
 from ..evaluation.report import EvaluationReport, PairResult, build_report, write_json
 from ..io import atomic_output, check_output_dir, check_output_file, load_field
+from ..transforms import FIELD_CONVENTIONS, detect_convention
 from .executors import Executor, LocalExecutor
 from .pairs import check_unique_fields
-from .runner import PairJob, PairOutcome, PairTask, remove_stale_temporaries, score_pair
+from .runner import PairJob, PairOutcome, PairTask, inverse_name, remove_stale_temporaries, score_pair
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +76,10 @@ MAX_EXIT_CODE = 125
 class Progress:
     """Sent to the progress callback once when the plan is made (``outcome`` None, ``done`` 0),
     then after each pair with its outcome. ``to_register`` pairs are registered in this run,
-    ``finished_earlier`` were finished by an earlier one and :attr:`failed_checks` failed the
-    plan's checks (more may fail while they run); ``eta_seconds`` is the estimated time left (None
-    until one pair has been registered)."""
+    ``finished_earlier`` were finished by an earlier one (``to_invert`` of them still without their
+    inverse field, written in this run) and :attr:`failed_checks` failed the plan's checks (more
+    may fail while they run); ``eta_seconds`` is the estimated time left (None until one pair has
+    been registered)."""
 
     outcome: PairOutcome | None
     done: int
@@ -77,6 +87,7 @@ class Progress:
     to_register: int
     finished_earlier: int
     eta_seconds: float | None
+    to_invert: int = 0
 
     @property
     def failed_checks(self) -> int:
@@ -126,6 +137,17 @@ class BatchReport:
         return [f"{path}: {len(labels)} pair{'s' if len(labels) != 1 else ''}, {reason}: {', '.join(labels)}"
                 for (path, reason), labels in groups.items()]
 
+    def inverse_line(self) -> str | None:
+        """``inverses: 4 written; |phi(psi(y)) - y| on the moving brain: mean 0.0012, worst 99th
+        percentile 0.015 voxels (0002<-0001)``, or None when this run wrote none."""
+        written = [o for o in self.outcomes if "inverse_field" in o.inverse]
+        if not written:
+            return None
+        worst = max(written, key=lambda o: o.inverse["inverse_moving_p99"])
+        mean = float(np.mean([o.inverse["inverse_moving_mean"] for o in written]))
+        return (f"inverses: {len(written)} written; |phi(psi(y)) - y| on the moving brain: mean {mean:.2g}, worst "
+                f"99th percentile {worst.inverse['inverse_moving_p99']:.2g} voxels ({worst.pair.label})")
+
 
 # --------------------------------------------------------------------------------------------
 # planning: nothing compiled, nothing written
@@ -156,14 +178,15 @@ def _header_shape(path: Path, what: str) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class _Planned:
     job: PairJob
-    status: str  # run, skipped or failed
+    status: str  # run, invert (field finished earlier, its inverse missing), skipped or failed
     error: str | None = None
 
 
-def _plan_pair(pair: Pair, output_dir: Path, init_dir: Path | None) -> _Planned:
-    """Run, skip (finished earlier) or fail (with the reason), from headers only plus the
-    completeness check of an existing field."""
-    job = PairJob(pair, output_dir / pair.field_name)
+def _plan_pair(pair: Pair, output_dir: Path, init_dir: Path | None, *, inverse: bool = False,
+               init_convention: str = "auto") -> _Planned:
+    """Run, invert (the field finished earlier, its inverse missing), skip (finished earlier) or
+    fail (with the reason), from headers only plus the completeness check of existing fields."""
+    job = PairJob(pair, output_dir / pair.field_name, inverse=output_dir / inverse_name(pair) if inverse else None)
     try:
         fixed_shape = _header_shape(pair.fixed, "fixed image")
         moving_shape = _header_shape(pair.moving, "moving image")
@@ -175,14 +198,19 @@ def _plan_pair(pair: Pair, output_dir: Path, init_dir: Path | None) -> _Planned:
             if not job.init.is_file():
                 raise InputError(f"starting field '{job.init}' does not exist: --init-fields needs "
                                  f"{pair.field_name} for every pair (LUMIR names).")
+            job = replace(job, init_convention=detect_convention(job.init, init_convention, "starting field"))
             init_shape = _header_shape(job.init, "starting field")
-            if init_shape not in (fixed_shape + (3,), (3,) + fixed_shape):
+            if job.init_convention == "lumir" and init_shape not in (fixed_shape + (3,), (3,) + fixed_shape):
                 raise InputError(f"starting field '{job.init}' has shape {init_shape}: expected "
                                  f"{fixed_shape + (3,)}, the full-resolution fixed grid.")
     except JaxregError as err:
         return _Planned(job, "failed", str(err))
     if field_is_complete(job.output, fixed_shape):
-        return _Planned(job, "skipped")
+        if job.inverse is None or field_is_complete(job.inverse, moving_shape):
+            return _Planned(job, "skipped")
+        if job.inverse.exists():
+            log.warning("%s is incomplete or unreadable: inverting the field again", job.inverse)
+        return _Planned(replace(job, invert_only=True), "invert")
     if job.output.exists():
         log.warning("%s is incomplete or unreadable: registering the pair again", job.output)
     return _Planned(job, "run")
@@ -258,7 +286,8 @@ class _Registration:
         self._output_dir, self._evaluation, self._run_log = output_dir, evaluation, run_log
         self._workers, self._progress = max(workers, 1), progress
         self._to_register = sum(p.status == "run" for p in planned)
-        self._finished_earlier = sum(p.status == "skipped" for p in planned)
+        self._finished_earlier = sum(p.status in ("skipped", "invert") for p in planned)
+        self._to_invert = sum(p.status == "invert" for p in planned)
         self._costs: list[float] = []
         self._lock = threading.Lock()
         self.outcomes: dict[str, PairOutcome] = {}
@@ -291,19 +320,19 @@ class _Registration:
     def _tell(self, outcome: PairOutcome | None, eta: float | None) -> None:
         if self._progress is not None:
             self._progress(Progress(outcome, len(self.outcomes), len(self._planned), self._to_register,
-                                    self._finished_earlier, eta))
+                                    self._finished_earlier, eta, self._to_invert))
 
 
 def _register_all(planned: Sequence[_Planned], registration: _Registration, executor: Executor,
                   config: RegistrationConfig, guard: bool) -> None:
-    """Pairs that need no registration are finished here; the executor registers the rest."""
+    """Pairs that need no work are finished here; the executor registers (or inverts) the rest."""
     registration.announce()
     for item in planned:
         if item.status == "skipped":
             registration.finish(item.job, PairOutcome(item.job.pair, "skipped"))
         elif item.status == "failed":
             registration.finish(item.job, PairOutcome(item.job.pair, "failed", error=item.error))
-    tasks = [PairTask(item.job, config, guard) for item in planned if item.status == "run"]
+    tasks = [PairTask(item.job, config, guard) for item in planned if item.status in ("run", "invert")]
     executor.run(tasks, lambda task, outcome: registration.finish(task.job, outcome))
     for task in tasks:  # an executor that lost a task must not lose its log line
         if task.pair.key not in registration.outcomes:
@@ -314,7 +343,8 @@ def run_batch(pairs: Sequence[Pair], output_dir: str | os.PathLike, *, config: R
               init_fields: str | os.PathLike | None = None, evaluation: EvaluationConfig | None = None,
               guard: bool = True, devices: Sequence | None = None,
               progress: Callable[[Progress], None] | None = None,
-              executor: Executor | None = None, threads_per_device: int | None = None) -> BatchReport:
+              executor: Executor | None = None, threads_per_device: int | None = None,
+              inverse: bool = False, init_convention: str = "auto") -> BatchReport:
     """Register every pair into `output_dir`, resuming where an earlier run stopped.
 
     Arguments:
@@ -325,6 +355,9 @@ def run_batch(pairs: Sequence[Pair], output_dir: str | os.PathLike, *, config: R
         config: the registration config (one compiled program per grid and device).
         init_fields: folder of starting fields ``disp_{FIXED}_{MOVING}.nii.gz`` (e.g. a learned
             model's output); a pair without one fails. Use with ``coarse.enabled=false`` to refine only.
+        init_convention: how the starting fields are read: ``auto`` (each file's header says,
+            :func:`jaxreg.transforms.detect_convention`), ``lumir`` or ``itk`` (ITK displacement
+            fields from another tool, converted with the pair's image headers).
         evaluation: score each field when written
             (:func:`jaxreg.evaluation.config.evaluation_for`); skipped pairs are scored too, so
             ``evaluation.json`` covers every pair of the run.
@@ -336,6 +369,9 @@ def run_batch(pairs: Sequence[Pair], output_dir: str | os.PathLike, *, config: R
         executor: run the pairs to register through it (e.g. a
             :class:`jaxreg.apps.executors.RayExecutor`) instead of on `devices`; everything else
             (plan, resume, log, scoring) is unchanged.
+        inverse: also write each field's inverse, ``inverse_{FIXED}_{MOVING}.nii.gz`` (a LUMIR field
+            on the moving grid, :func:`jaxreg.apps.invert.write_inverse`), with its consistency in
+            the run log; a field finished earlier without one is inverted, not registered again.
 
     Returns:
         The :class:`BatchReport`; ``report.exit_code`` is the number of failed pairs (max 125).
@@ -360,6 +396,8 @@ def run_batch(pairs: Sequence[Pair], output_dir: str | os.PathLike, *, config: R
             raise InputError(f"starting-field folder '{init_dir}' does not exist: give the folder holding disp_*.nii.gz.")
         if output_dir.exists() and init_dir.resolve() == output_dir.resolve():
             raise ConfigError("the output folder is the starting-field folder: write the refined fields elsewhere.")
+    if init_convention not in FIELD_CONVENTIONS:
+        raise ConfigError(f"init_convention must be one of {list(FIELD_CONVENTIONS)}, got {init_convention!r}.")
     if evaluation is not None:
         known = {item.pair.key: item for item in evaluation.pairs}
         missing = [p.label for p in pairs if p.key not in known]
@@ -370,15 +408,17 @@ def run_batch(pairs: Sequence[Pair], output_dir: str | os.PathLike, *, config: R
     settings = _run_settings(config, init_dir, guard)
     _check_run_config(output_dir, settings)
 
-    planned = [_plan_pair(pair, output_dir, init_dir) for pair in pairs]
+    planned = [_plan_pair(pair, output_dir, init_dir, inverse=inverse, init_convention=init_convention)
+               for pair in pairs]
     if evaluation is not None:
         planned = [replace(p, job=replace(p.job, evaluation=known[p.job.pair.key])) for p in planned]
     output_dir.mkdir(parents=True, exist_ok=True)
     _write_run_config(output_dir, settings)
     remove_stale_temporaries(output_dir, pairs)
-    log.info("batch: %d pair(s), %d to register, %d finished earlier, %d failed the checks, on %s",
-             len(pairs), sum(p.status == "run" for p in planned), sum(p.status == "skipped" for p in planned),
-             sum(p.status == "failed" for p in planned), executor.name)
+    counts = {status: sum(p.status == status for p in planned) for status in ("run", "invert", "skipped", "failed")}
+    log.info("batch: %d pair(s), %d to register, %d finished earlier (%d to invert), %d failed the checks, on %s",
+             len(pairs), counts["run"], counts["skipped"] + counts["invert"], counts["invert"], counts["failed"],
+             executor.name)
 
     registration = _Registration(planned, output_dir, evaluation, _RunLog(output_dir / RUN_LOG),
                                  executor.workers, progress)

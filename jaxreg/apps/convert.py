@@ -7,17 +7,14 @@ place each end of the field and writes the result atomically.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InputError
 from ..io import load_field, load_nifti, save_field
-from ..transforms import (check_itk_grid, compose_native, is_itk_field, itk_to_lumir, load_itk_field, lumir_to_itk,
-                          same_grid, save_itk_field)
-
-log = logging.getLogger(__name__)
+from ..transforms import (check_itk_grid, compose_native, is_itk_field, load_as_lumir, lumir_to_itk, same_grid,
+                          save_itk_field)
 
 FORMATS = ("itk", "lumir")
 
@@ -54,11 +51,8 @@ def convert_field(disp, output, *, fixed, moving, to: str = "itk") -> Path:
                              "use --to lumir to convert it to a LUMIR field.")
         vectors = lumir_to_itk(load_field(disp, fixed_shape), fixed_vox2world, moving_vox2world)
         return save_itk_field(vectors, output, fixed_vox2world)
-    vectors, field_vox2world = load_itk_field(disp)
-    if not same_grid(vectors.shape[:3], field_vox2world, fixed_shape, fixed_vox2world):
-        log.warning("the ITK field's grid is not the fixed image's: it is resampled trilinearly onto it")
-    return save_field(itk_to_lumir(vectors, field_vox2world, fixed_shape, fixed_vox2world, moving_vox2world),
-                      output, fixed_vox2world)
+    lumir = load_as_lumir(disp, fixed=fixed, moving=moving, convention="itk", what="ITK displacement field")
+    return save_field(lumir, output, fixed_vox2world)
 
 
 def export_native(disp, output, *, fixed, moving) -> Path:

@@ -10,9 +10,13 @@ thread; planning, resume, the run log and scoring stay in ``run_batch``.
 - :class:`RayExecutor`: one Ray task per pair. Each task reserves one GPU when the cluster has
   GPUs, else ``cpus_per_task`` CPUs (default 1, so a 2-core machine runs two pairs at once); Ray
   runs it again when its worker or node dies (``max_retries``): a task first removes the temporary
-  files an earlier attempt of its pair left, then writes the field atomically, so repeating it is
-  harmless. It writes into the run's output folder, which every node must see under the same path
-  (a shared file system), as it must see the images. Ray is optional: ``pip install 'jaxreg[ray]'``.
+  files an earlier attempt of its pair left, then writes the field (and, when the run asks, its
+  inverse) atomically, so repeating it is harmless. It writes into the run's output folder, which
+  every node must see under the same path (a shared file system), as it must see the images. Ray is
+  optional: ``pip install 'jaxreg[ray]'``.
+
+Both run whatever the task carries (:class:`~jaxreg.apps.runner.PairJob`: starting field and its
+convention, inverse path, invert-only), so options of the run reach every worker unchanged.
 """
 
 from __future__ import annotations

@@ -33,9 +33,10 @@ def write_submission(fields_dir: str | os.PathLike, pairs: Sequence[Pair], zip_p
                      folder: str | None = None) -> Path:
     """Zip the fields of `pairs` as the LUMIR validation submission: ``folder.zip`` holding one
     folder ``folder/`` with every ``disp_{FIXED}_{MOVING}.nii.gz`` (LUMIR_L2R README, "Validation
-    Submission guidelines"). `folder` defaults to the zip's name without ``.zip``. Every field must
-    be present; the zip is written atomically (fields are stored, they are already compressed), with
-no file times in it, so the same fields always give the same bytes."""
+    Submission guidelines"); inverse fields (``inverse_{FIXED}_{MOVING}.nii.gz``) and anything
+    else in `fields_dir` stay out. `folder` defaults to the zip's name without ``.zip``. Every
+    field must be present; the zip is written atomically (fields are stored, they are already
+    compressed), with no file times in it, so the same fields always give the same bytes."""
     fields_dir, zip_path = Path(fields_dir), check_submission_path(zip_path)
     folder = folder or zip_path.stem
     missing = [p.field_name for p in pairs if not (fields_dir / p.field_name).is_file()]

@@ -1,7 +1,9 @@
 """Score a folder of displacement fields against a dataset with the official LUMIR metrics.
 
 For every pair of an :class:`~jaxreg.evaluation.config.EvaluationConfig` the field
-``disp_{FIXED}_{MOVING}.nii.gz`` is read from the fields folder and scored with the metrics that
+``disp_{FIXED}_{MOVING}.nii.gz`` is read from the fields folder (a LUMIR field, or an ITK
+displacement field that another tool wrote, converted with the pair's image headers:
+:func:`jaxreg.transforms.load_as_lumir`) and scored with the metrics that
 apply to the pair (:mod:`jaxreg.evaluation.metrics`): Dice and HD95 over the label list, TRE on landmark
 volumes (LUMIR's centroid version, ``tre_lm``) and, when landmark CSVs exist, on keypoints
 (``tre_kp``), NDV with the fixed (default) or moving image mask, and SDlogJ on every pair.
@@ -32,7 +34,8 @@ import numpy as np
 
 from . import metrics
 from ..errors import ConfigError, InputError
-from ..io import load_field, load_labels, load_volume
+from ..io import load_labels, load_volume
+from ..transforms import FIELD_CONVENTIONS, detect_convention, load_as_lumir
 from .config import EvalPair, EvaluationConfig, load_keypoints_csv
 from .report import EvaluationReport, PairResult, build_report
 
@@ -155,7 +158,7 @@ def label_metrics(fixed_labels: np.ndarray, moving_labels: np.ndarray, disp: np.
 
 
 def _score_pair(item: EvalPair, config: EvaluationConfig, fields_dir: Path, cache: _VolumeCache,
-                ndv_mask: str, keypoint_order: int) -> PairResult:
+                ndv_mask: str, keypoint_order: int, field_convention: str) -> PairResult:
     pair = item.pair
     start = time.perf_counter()
     field_path = fields_dir / pair.field_name
@@ -163,12 +166,14 @@ def _score_pair(item: EvalPair, config: EvaluationConfig, fields_dir: Path, cach
     if not field_path.is_file():
         return PairResult(status="missing", error=f"displacement field '{field_path}' does not exist", **result)
     try:
-        disp = load_field(field_path, shape=_grid_shape(item, config))
+        convention = detect_convention(field_path, field_convention)
+        disp = load_as_lumir(field_path, fixed=pair.fixed, moving=pair.moving, convention=convention,
+                             shape=_grid_shape(item, config))
     except InputError as err:
         return PairResult(status="invalid", error=str(err), seconds=time.perf_counter() - start, **result)
 
     values: dict = {}
-    details: dict = {}
+    details: dict = {} if convention == "lumir" else {"field_convention": convention}
     if "dice" in item.metrics or "hd95" in item.metrics:
         fixed_labels = cache.get("labels", item.fixed_labels, _load_label_map)
         moving_labels = cache.get("labels", item.moving_labels, _load_label_map)
@@ -213,7 +218,7 @@ def _missing_fields(fields_dir: Path, config: EvaluationConfig) -> list[str]:
 def evaluate_fields(fields_dir: str | os.PathLike, config: EvaluationConfig, *, ndv_mask: str = "fixed",
                     keypoint_order: int = 1, workers: int | None = None,
                     progress: Callable[[PairResult], None] | None = None,
-                    allow_missing: bool = False) -> EvaluationReport:
+                    allow_missing: bool = False, field_convention: str = "auto") -> EvaluationReport:
     """Score the fields in `fields_dir` on every pair of `config`.
 
     Arguments:
@@ -228,6 +233,9 @@ def evaluate_fields(fields_dir: str | os.PathLike, config: EvaluationConfig, *, 
             the pairs before it are done (a table can be printed row by row).
         allow_missing: score the fields that exist and report the missing ones (status
             ``missing``, counted in ``report.missing``) instead of refusing to start.
+        field_convention: ``auto`` (each file's header says: :func:`jaxreg.transforms.detect_convention`;
+            a field it cannot tell is reported ``invalid`` with the reason), ``lumir`` or ``itk``
+            (ITK displacement fields, converted with the pair's fixed and moving image headers).
 
     Returns:
         The report; ``report.ok`` is False if any pair could not be scored (``report.failed``).
@@ -243,6 +251,8 @@ def evaluate_fields(fields_dir: str | os.PathLike, config: EvaluationConfig, *, 
         raise ConfigError(f"ndv_mask must be one of {list(NDV_MASKS)}, got {ndv_mask!r}.")
     if keypoint_order not in (1, 3):
         raise ConfigError(f"keypoint_order must be 1 (linear) or 3 (cubic), got {keypoint_order!r}.")
+    if field_convention not in FIELD_CONVENTIONS:
+        raise ConfigError(f"field_convention must be one of {list(FIELD_CONVENTIONS)}, got {field_convention!r}.")
     missing = _missing_fields(fields_dir, config)
     if missing and not allow_missing:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
@@ -258,7 +268,7 @@ def evaluate_fields(fields_dir: str | os.PathLike, config: EvaluationConfig, *, 
 
     def run(item: EvalPair) -> PairResult:
         try:
-            return _score_pair(item, config, fields_dir, cache, ndv_mask, keypoint_order)
+            return _score_pair(item, config, fields_dir, cache, ndv_mask, keypoint_order, field_convention)
         finally:
             for kind, path in _needs(item, ndv_mask):
                 cache.release(kind, path)

@@ -188,7 +188,8 @@ def aggregates_of(task_cases: Sequence[tuple[Task | None, dict]]) -> tuple[dict,
 
 def evaluate_lumir25(fields_dir: str | os.PathLike, config_paths: Sequence[str | os.PathLike],
                      data_dir: str | os.PathLike, *, workers: int | None = None, allow_missing: bool = False,
-                     progress: Callable[[Path, PairResult], None] | None = None) -> Lumir25Report:
+                     progress: Callable[[Path, PairResult], None] | None = None,
+                     field_convention: str = "auto") -> Lumir25Report:
     """Score `fields_dir` on each config and aggregate as the LUMIR25 leaderboard does.
 
     Arguments:
@@ -197,7 +198,7 @@ def evaluate_lumir25(fields_dir: str | os.PathLike, config_paths: Sequence[str |
             order when their names say their tasks, else kept in the order given.
         data_dir: the folder the configs' relative paths start from (the evaluator's ``-d``):
             ``imagesVal/``, ``labelsVal/``, ``landmarksVal/``.
-        workers, allow_missing: as :func:`jaxreg.evaluation.evaluate.evaluate_fields`.
+        workers, allow_missing, field_convention: as :func:`jaxreg.evaluation.evaluate.evaluate_fields`.
         progress: called with (config path, pair result) as pairs are scored.
 
     Raises:
@@ -213,6 +214,7 @@ def evaluate_lumir25(fields_dir: str | os.PathLike, config_paths: Sequence[str |
     for path, task, config in configs:
         logger.info("scoring %s (%s): %d pairs", path.name, task.name if task else "task not named", len(config.pairs))
         report = evaluate_fields(fields_dir, config, ndv_mask="fixed", workers=workers, allow_missing=allow_missing,
+                                 field_convention=field_convention,
                                  progress=None if progress is None else (lambda result, p=path: progress(p, result)))
         tasks.append((path, task, config, report))
         task_cases.append((task, {case_key(item.pair): _case(result, config)
