@@ -40,8 +40,11 @@ def pair_line(event) -> str:
             text += f" (+{o.compile_seconds:.1f} s compilation)"
         if o.guard.get("kept_start"):
             text += "  kept the start (refinement matched worse)"
-        if o.contrast.get("contrast_path") == "cross-contrast":
-            text += f"  MIND-SSC only ({o.contrast['contrast_reason']})"
+        decider = ("guard" if "contrast_verdict" in o.contrast
+                   else "by rule" if "by rule" in o.contrast.get("contrast_reason", "") else None)  # else the preset's
+        if o.contrast.get("contrast_path") == "cross-contrast" and decider:
+            action = "intensities mapped" if o.contrast.get("intensity_matched") else "MIND-SSC alone"
+            text += f"  cross-contrast: {action} ({decider})"
     if o.inverse:
         text += f"  inverse p99 {o.inverse['inverse_moving_p99']:.2g} vox"
     if "dice" in o.metrics:

@@ -32,13 +32,9 @@ def _print_summary(result, written: dict) -> None:
     if s.ndv_percent is not None:
         typer.echo(f"NDV           {s.ndv_percent:.5f} % of the fixed brain mask (non-diffeomorphic volume)")
     typer.echo(f"max |u|       {s.max_displacement_vox:.2f} voxels")
-    if s.contrast_ncc is not None:
-        verdict = "used" if s.intensity_terms_used else "not used"
-        line = (f"intensity     {verdict}: brain NCC {s.contrast_ncc:.2f} after the coarse search "
-                f"(used from {result.config.contrast.min_ncc:g})")
-        if not s.intensity_terms_used:
-            line += "; the contrasts differ, so only MIND-SSC drove the refinement"
-        typer.echo(line)
+    contrast = s.contrast_verdict(result.config.contrast.assume == "different")
+    if contrast is not None:
+        typer.echo(f"contrast      {contrast}")
     if result.config.unfold.rounds > 0:
         typer.echo(f"fold repair   {s.unfold_rounds} round(s), {s.folding_voxels} folding voxel(s) left")
     for what, path in written.items():

@@ -108,20 +108,46 @@ class CoarseConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ContrastConfig:
-    """The same-contrast guard of the intensity terms (``refine.intensity_weight``'s channel and the
-    ``fine`` level), which assume that fixed and moving share one contrast.
+    """What the program does when fixed and moving may differ in contrast. The intensity terms
+    (``refine.intensity_weight``'s channel and the ``fine`` level) assume one contrast; MIND-SSC,
+    which the coarse search and the feature level match, does not.
 
-    After the coarse search (MIND-SSC, blind to contrast) the fixed and moved images are correlated
-    inside the fixed brain (NCC over ``fixed > 0``); the intensity terms are used only when that NCC is
-    at least ``min_ncc``. Same-contrast T1 pairs score about 0.5 even before registration, a T2w- or
-    FLAIR-like moving image below 0, where an intensity SSD would pull the field apart. -1 = no guard:
-    always use them. A preset without intensity terms has nothing to guard.
+    The guard runs after the coarse search, inside the fixed brain (``fixed > 0``). The contrasts agree
+    when the NCC of fixed and moved is at least ``min_ncc`` and mapping the moved intensities into the
+    fixed contrast (the mean fixed intensity per moved intensity, :func:`jaxreg.ops.intensity.intensity_table`)
+    raises that NCC by less than ``max_match_gain``. A linear intensity change gains nothing; another
+    contrast of the same tissues, which no linear map explains, gains much. ``min_ncc = -1`` and
+    ``max_match_gain = 2`` (the defaults) mean no guard. A preset without intensity terms has nothing
+    to guard. ``assume = "different"`` skips the judgement: something outside the images (LUMIR25's
+    file names, the user) says the contrasts differ.
+
+    Where they differ, ``match = true`` keeps the intensity terms on the moving image mapped into the
+    fixed contrast through that table; false drops them, leaving MIND-SSC alone. The table is keyed
+    by the moved intensity (``match_bins`` entries over [0, 1]) and, for ``match_context`` > 1, by
+    its local mean over a ``match_context``^3 box, which tells partial volumes from a tissue of the
+    same intensity (1: the intensity alone).
     """
 
     min_ncc: float = -1.0
+    max_match_gain: float = 2.0
+    match: bool = False
+    match_bins: int = 32
+    match_context: int = 5
+    assume: str = "auto"
 
     def __post_init__(self):
         _check(-1 <= self.min_ncc <= 1, f"contrast.min_ncc must be in [-1, 1], got {self.min_ncc}")
+        _check(0 < self.max_match_gain <= 2, f"contrast.max_match_gain must be in (0, 2], got {self.max_match_gain}")
+        _check(self.match_bins >= 3, f"contrast.match_bins must be >= 3, got {self.match_bins}")
+        _check(self.match_context >= 1 and self.match_context % 2 == 1,
+               f"contrast.match_context must be an odd box width >= 1, got {self.match_context}")
+        _check(self.assume in ("auto", "different"),
+               f"contrast.assume must be 'auto' (the guard judges) or 'different', got {self.assume!r}")
+
+    @property
+    def judges(self) -> bool:
+        """Whether the images can be found to differ: a threshold is set, or the contrasts are said to."""
+        return self.assume == "different" or self.min_ncc > -1 or self.max_match_gain < 2
 
 
 @dataclass(frozen=True, kw_only=True)

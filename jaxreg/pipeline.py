@@ -1,8 +1,9 @@
 """The registration program: an ordered tuple of stages folded over a small state, jitted as one.
 
-Data flow: normalise -> (affine) -> MIND-SSC features -> coarse discrete search -> (same-contrast
-guard) -> Adam refinement on the features -> (full-resolution intensity level) -> (compose with the
-affine) -> (fold repair) -> outputs. The field is ONE voxel displacement on the fixed grid (LUMIR
+Data flow: normalise -> (affine) -> MIND-SSC features -> coarse discrete search -> (contrast guard,
+which may map the moving image into the fixed contrast for the intensity terms) -> Adam refinement on
+the features -> (full-resolution intensity level) -> (compose with the affine) -> (fold repair) ->
+outputs. The field is ONE voxel displacement on the fixed grid (LUMIR
 convention ``moved(x) = moving(x + disp(x))``, channel c along array axis c).
 
 :func:`stages` builds the tuple from a config, leaving out the stages it turns off; each stage is a
@@ -25,7 +26,7 @@ from .ops.intensity import ncc, normalise
 from .ops.warp import affine_coordinates, compose_affine, resize, sample, warp, warp_field
 from .stages.affine import affine_search
 from .stages.coarse import coarse_search
-from .stages.contrast import contrasts_agree, guards
+from .stages.contrast import guards, judge_contrast
 from .stages.features import mind_ssc_pooled
 from .stages.fine import refine_fine
 from .stages.refine import refine, with_intensity_channel
@@ -40,7 +41,10 @@ class State(NamedTuple):
     ``disp`` is (3, X, Y, Z) voxels on the fixed grid, pulling ``moving_aligned`` until the compose
     stage and ``moving_n`` after it. The features are MIND-SSC pooled by :func:`feature_spacing`
     (None until the features stage). ``losses`` is the feature level's loss before and after its Adam
-    steps ((0,) without it); ``contrast_ncc`` is NaN where the config has no same-contrast guard.
+    steps ((0,) without it). ``contrast_ncc`` and ``contrast_gain`` are the guard's figures (NaN
+    where it did not measure them); ``moving_intensity`` is the image the intensity terms see on the
+    grid of ``moving_aligned``: None for ``moving_aligned`` itself, else it mapped into the fixed contrast
+    where the guard says so (``matched``).
     """
 
     fixed_n: jnp.ndarray
@@ -52,7 +56,10 @@ class State(NamedTuple):
     moving_features: jnp.ndarray | None
     losses: jnp.ndarray
     contrast_ncc: jnp.ndarray
+    contrast_gain: jnp.ndarray
     use_intensity: jnp.ndarray
+    matched: jnp.ndarray
+    moving_intensity: jnp.ndarray | None
     unfold_rounds: jnp.ndarray
     folding_voxels: jnp.ndarray
 
@@ -64,8 +71,10 @@ class Outputs(NamedTuple):
     affine: jnp.ndarray  # (3, 4) fixed voxel -> moving voxel; the identity without the affine stage
     moved: jnp.ndarray  # the normalised moving image pulled through disp (border padding)
     refine_loss: jnp.ndarray  # the feature level's loss before and after its Adam steps, or (0,)
-    contrast_ncc: jnp.ndarray  # brain NCC that the same-contrast guard judged (NaN: no guard)
+    contrast_ncc: jnp.ndarray  # brain NCC that the contrast guard judged (NaN: no guard)
+    contrast_gain: jnp.ndarray  # how much mapping the moved intensities raised it (NaN: not measured)
     intensity_used: jnp.ndarray  # whether the intensity terms ran
+    intensity_matched: jnp.ndarray  # whether they ran on the moving image mapped into the fixed contrast
     unfold_rounds: jnp.ndarray
     folding_voxels: jnp.ndarray  # folding voxels left after the fold repair
     ncc_before: jnp.ndarray
@@ -114,8 +123,14 @@ def _coarse_stage(state: State, *, config: RegistrationConfig, with_init: bool) 
 
 
 def _contrast_stage(state: State, *, config: RegistrationConfig) -> State:
-    contrast_ncc, use_intensity = contrasts_agree(state.fixed_n, state.moving_aligned, state.disp, config)
-    return state._replace(contrast_ncc=contrast_ncc, use_intensity=use_intensity)
+    verdict = judge_contrast(state.fixed_n, state.moving_aligned, state.disp, config)
+    return state._replace(contrast_ncc=verdict.ncc, contrast_gain=verdict.match_gain,
+                          use_intensity=verdict.use_intensity, matched=verdict.differ & verdict.use_intensity,
+                          moving_intensity=verdict.moving)
+
+
+def _intensity_moving(state: State) -> jnp.ndarray:
+    return state.moving_aligned if state.moving_intensity is None else state.moving_intensity
 
 
 def _refine_stage(state: State, *, config: RegistrationConfig) -> State:
@@ -125,14 +140,14 @@ def _refine_stage(state: State, *, config: RegistrationConfig) -> State:
         fixed_mind, moving_mind = (_mind(image, config, config.refine.grid_spacing)
                                    for image in (state.fixed_n, state.moving_aligned))
     fixed_f = with_intensity_channel(fixed_mind, state.fixed_n, config.refine, state.use_intensity)
-    moving_f = with_intensity_channel(moving_mind, state.moving_aligned, config.refine, state.use_intensity)
+    moving_f = with_intensity_channel(moving_mind, _intensity_moving(state), config.refine, state.use_intensity)
     disp, losses = refine(fixed_f, moving_f, state.disp, config.refine)
     return state._replace(disp=disp, losses=losses)
 
 
 def _fine_stage(state: State, *, config: RegistrationConfig) -> State:
     disp = jax.lax.cond(state.use_intensity,
-                        lambda d: refine_fine(state.fixed_n, state.moving_aligned, d, config.fine),
+                        lambda d: refine_fine(state.fixed_n, _intensity_moving(state), d, config.fine),
                         lambda d: d, state.disp)
     return state._replace(disp=disp)
 
@@ -157,7 +172,7 @@ def stages(config: RegistrationConfig, *, with_init: bool = False) -> tuple[Stag
          Stage("features", bind(_features_stage, config=config), "MIND-SSC of both images, pooled")),
         (config.coarse.enabled,
          Stage("coarse", bind(_coarse_stage, config=config, with_init=with_init), "discrete search + upsample")),
-        (guards(config), Stage("contrast", bind(_contrast_stage, config=config), "same-contrast guard")),
+        (guards(config), Stage("contrast", bind(_contrast_stage, config=config), "contrast guard")),
         (refine_on, Stage("refine", bind(_refine_stage, config=config),
                           f"feature level, {config.refine.iterations} Adam steps")),
         (config.fine.enabled and config.fine.iterations > 0,
@@ -175,7 +190,8 @@ def start(fixed: jnp.ndarray, moving: jnp.ndarray, init_disp: jnp.ndarray | None
     return State(fixed_n=fixed_n, moving_n=moving_n, moving_aligned=moving_n, matrix=jnp.asarray(IDENTITY_AFFINE),
                  disp=jnp.zeros((3,) + fixed.shape, jnp.float32) if init_disp is None else init_disp,
                  fixed_features=None, moving_features=None, losses=jnp.zeros((0,), jnp.float32),
-                 contrast_ncc=jnp.float32(jnp.nan), use_intensity=jnp.bool_(True),
+                 contrast_ncc=jnp.float32(jnp.nan), contrast_gain=jnp.float32(jnp.nan),
+                 use_intensity=jnp.bool_(True), matched=jnp.bool_(False), moving_intensity=None,
                  unfold_rounds=jnp.int32(0), folding_voxels=jnp.int32(0))
 
 
@@ -183,7 +199,8 @@ def finish(state: State) -> Outputs:
     """The program's outputs: the field, the moved image and the figures of the summary."""
     moved = warp(state.moving_n, state.disp, "border")
     return Outputs(disp=state.disp, affine=state.matrix, moved=moved, refine_loss=state.losses,
-                   contrast_ncc=state.contrast_ncc, intensity_used=state.use_intensity,
+                   contrast_ncc=state.contrast_ncc, contrast_gain=state.contrast_gain,
+                   intensity_used=state.use_intensity, intensity_matched=state.matched,
                    unfold_rounds=state.unfold_rounds, folding_voxels=state.folding_voxels,
                    ncc_before=ncc(state.fixed_n, state.moving_n), ncc_after=ncc(state.fixed_n, moved))
 

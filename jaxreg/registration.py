@@ -29,8 +29,10 @@ MIN_SIZE = 8
 class Summary:
     """What one registration did, in numbers (run logs, the CLI's report, ``--summary`` JSON).
 
-    ``contrast_ncc`` is the brain NCC after the coarse search that decides whether the intensity
-    terms are used (None when the preset has no such guard); ``ndv_percent`` is filled in by
+    ``contrast_ncc`` is the brain NCC after the coarse search that the contrast guard judges, and
+    ``contrast_match_gain`` how much mapping the moved intensities into the fixed contrast raised it
+    (None where the preset does not measure them); ``intensity_terms_matched``: the intensity terms ran
+    on the moving image mapped into the fixed contrast (``[contrast] match``); ``ndv_percent`` is filled in by
     :func:`register_files` (LUMIR25 mask: fixed image > 0).
     """
 
@@ -44,12 +46,34 @@ class Summary:
     max_displacement_vox: float
     contrast_ncc: float | None
     intensity_terms_used: bool
+    contrast_match_gain: float | None
+    intensity_terms_matched: bool
     unfold_rounds: int
     folding_voxels: int
     ndv_percent: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def contrast_verdict(self, assumed_different: bool = False) -> str | None:
+        """One line on what the contrast guard found and did (None where the preset has no guard).
+        `assumed_different`: the config said the contrasts differ (``contrast.assume``)."""
+        if self.contrast_ncc is None:
+            return None
+        found = f"brain NCC {self.contrast_ncc:.2f}"
+        if self.contrast_match_gain is not None:
+            found += f" ({self.contrast_match_gain:+.2f} through an intensity map)"
+        if assumed_different:
+            verdict = "the contrasts differ, as configured"
+        else:
+            verdict = f"the contrasts {'differ' if self.intensity_terms_matched or not self.intensity_terms_used else 'agree'}"
+        if self.intensity_terms_matched:
+            action = "intensity terms on the moving image mapped into the fixed contrast"
+        elif self.intensity_terms_used:
+            action = "intensity terms used"
+        else:
+            action = "MIND-SSC alone"
+        return f"{found} after the coarse search: {verdict}; {action}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -153,6 +177,8 @@ def run_program(config: RegistrationConfig, fixed: np.ndarray, moving: np.ndarra
         max_displacement_vox=float(np.abs(out.disp).max()),
         contrast_ncc=None if np.isnan(out.contrast_ncc) else float(out.contrast_ncc),
         intensity_terms_used=bool(out.intensity_used),
+        contrast_match_gain=None if np.isnan(out.contrast_gain) else float(out.contrast_gain),
+        intensity_terms_matched=bool(out.intensity_matched),
         unfold_rounds=int(out.unfold_rounds),
         folding_voxels=int(out.folding_voxels),
     )

@@ -79,7 +79,7 @@ def test_the_run_log_and_progress_say_when_the_intensity_terms_were_left_out(dat
     lines = _log(tmp_path / "out")
     assert all(line["intensity_used"] is False and -1 <= line["contrast_ncc"] <= 1 for line in lines)
     progress = [line for line in stderr.splitlines() if line.startswith("[")]
-    assert len(progress) == 4 and all("MIND-SSC only (" in line and "the contrasts differ (guard)" in line
+    assert len(progress) == 4 and all("cross-contrast: MIND-SSC alone (guard)" in line
                                           for line in progress)
 
 

@@ -90,22 +90,27 @@ def test_ncc_matches_numpy_inside_and_outside_a_mask():
 def test_guard_judges_the_brain_ncc_after_the_field_against_the_threshold():
     """The guard warps the moving image through the field so far and correlates inside fixed > 0."""
     import jax.numpy as jnp
-    from jaxreg.stages.contrast import contrasts_agree
+    from jaxreg.stages.contrast import judge_contrast
+
+    def verdict(moving, disp, config):
+        return judge_contrast(jnp.asarray(fixed), jnp.asarray(moving), jnp.asarray(disp), config)
+
+    threshold_only = load_config("lumir", ["contrast.match=false", "contrast.max_match_gain=2"])
     fixed = tissues() / 255.0
     moving = np.roll(fixed, 2, axis=0)
     disp = np.zeros((3,) + fixed.shape, np.float32)
     disp[0] = 2.0  # moving(x + 2) = fixed(x) wherever the brain is: the field undoes the shift
-    value, use = contrasts_agree(jnp.asarray(fixed), jnp.asarray(moving), jnp.asarray(disp), load_config("lumir"))
-    assert bool(use) and float(value) == pytest.approx(1.0, abs=1e-5)
-    unaligned, _ = contrasts_agree(jnp.asarray(fixed), jnp.asarray(moving), jnp.asarray(0 * disp), load_config("lumir"))
-    assert float(unaligned) < 0.99  # judged after the field, not before
+    aligned = verdict(moving, disp, threshold_only)
+    assert bool(aligned.use_intensity) and float(aligned.ncc) == pytest.approx(1.0, abs=1e-5)
+    assert float(verdict(moving, 0 * disp, threshold_only).ncc) < 0.99  # judged after the field, not before
     other = np.where(moving > 0, 1.0 - moving, 0.0)  # an inverted contrast
-    value, use = contrasts_agree(jnp.asarray(fixed), jnp.asarray(other), jnp.asarray(disp), load_config("lumir"))
-    assert not bool(use) and float(value) < load_config("lumir").contrast.min_ncc
-    # without intensity terms, or with the threshold at -1, nothing is judged
-    for config in (load_config("lumir-multimodal"), load_config("lumir", ["contrast.min_ncc=-1"])):
-        value, use = contrasts_agree(jnp.asarray(fixed), jnp.asarray(other), jnp.asarray(disp), config)
-        assert bool(use) and np.isnan(float(value))
+    inverted = verdict(other, disp, threshold_only)
+    assert not bool(inverted.use_intensity) and float(inverted.ncc) < threshold_only.contrast.min_ncc
+    assert np.isnan(float(inverted.match_gain))  # the map is not built when nothing needs it
+    # without intensity terms, or with neither threshold, nothing is judged
+    for config in (load_config("lumir-multimodal"), load_config("lumir", ["contrast.min_ncc=-1", "contrast.max_match_gain=2"])):
+        unjudged = verdict(other, disp, config)
+        assert bool(unjudged.use_intensity) and np.isnan(float(unjudged.ncc))
 
 
 def test_the_old_guard_key_names_its_new_place():

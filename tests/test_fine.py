@@ -173,10 +173,12 @@ def test_fine_level_recovers_detail_the_feature_grid_misses_without_folds():
 def test_intensity_terms_are_left_out_when_the_contrasts_disagree_and_the_summary_says_so():
     from jaxreg.registration import register
     inverted = np.where(MOVING > 0, 255.0 - MOVING, 0.0).astype(np.float32)  # a T2-like contrast
-    same = register(FIXED, MOVING, preset="lumir")
-    other = register(FIXED, inverted, preset="lumir")
+    unmatched = ["contrast.match=false"]
+    same = register(FIXED, MOVING, preset="lumir", overrides=unmatched)
+    other = register(FIXED, inverted, preset="lumir", overrides=unmatched)
     assert same.summary.intensity_terms_used and same.summary.contrast_ncc > 0.5
     assert not other.summary.intensity_terms_used and other.summary.contrast_ncc < 0.3
+    assert "the contrasts differ; MIND-SSC alone" in other.summary.contrast_verdict()
     # left out means MIND-SSC only, as if the preset had neither intensity term
     mind_only = register(FIXED, inverted, preset="lumir", overrides=["refine.intensity_weight=0", "fine.enabled=false"])
     np.testing.assert_allclose(other.disp, mind_only.disp, atol=1e-4)

@@ -150,7 +150,9 @@ def test_pairs_carry_their_modalities_and_resolve_against_root(tmp_path):
     assert pairs[1].moving == data / "imagesVal" / "SYNTH_0002_0001.nii.gz"
 
 
-def test_contrast_plan_takes_the_intensity_terms_away_only_across_modalities():
+def test_contrast_plan_changes_the_config_only_across_modalities():
+    from dataclasses import replace
+
     from jaxreg.apps.runner import contrast_plan
     from jaxreg.config import load_config
     from jaxreg.dataset import Pair
@@ -158,8 +160,12 @@ def test_contrast_plan_takes_the_intensity_terms_away_only_across_modalities():
     lumir = load_config("lumir")
     assert lumir.refine.intensity_weight > 0 and lumir.fine.enabled
     across = Pair.from_paths("/d/X_4024_0000.nii.gz", "/d/X_4033_0001.nii.gz")
-    config, reason = contrast_plan(across, lumir)
-    assert config.refine.intensity_weight == 0 and not config.fine.enabled and "0000 <- 0001" in reason
+    config, reason = contrast_plan(across, lumir)  # lumir matches contrasts: told that they differ
+    assert config == replace(lumir, contrast=replace(lumir.contrast, assume="different"))
+    assert "0000 <- 0001" in reason and "mapped into the fixed contrast" in reason
+    unmatched = load_config("lumir", ["contrast.match=false"])
+    config, reason = contrast_plan(across, unmatched)  # without matching: MIND-SSC alone
+    assert config.refine.intensity_weight == 0 and not config.fine.enabled and reason.endswith("MIND-SSC alone")
     assert config.coarse == lumir.coarse and config.unfold == lumir.unfold  # nothing else changes
     for same in (Pair.from_paths("/d/X_0002_0000.nii.gz", "/d/X_0001_0000.nii.gz"),
                  Pair(Path("/d/a.nii.gz"), Path("/d/b.nii.gz"), "a", "b")):  # no modality in the names
@@ -168,8 +174,9 @@ def test_contrast_plan_takes_the_intensity_terms_away_only_across_modalities():
 
 
 def test_batch_root_and_modality_rule(tmp_path, capsys):
-    from jaxreg.apps.runner import without_intensity_terms
+    from jaxreg.apps.runner import contrast_plan
     from jaxreg.config import load_config
+    from jaxreg.dataset import Pair
     from jaxreg.io import load_field
     from jaxreg.registration import register
     from synthetic_datasets import run_cli, run_log
@@ -181,16 +188,19 @@ def test_batch_root_and_modality_rule(tmp_path, capsys):
     assert code == 0, stderr
     lines = {line["pair"]: line for line in run_log(out)}
     assert lines["0003_0002"]["contrast_path"] == "cross-contrast"
-    assert lines["0003_0002"]["contrast_reason"] == "modalities differ (0000 <- 0001), by rule"
-    assert "intensity_used" not in lines["0003_0002"]  # the rule decided, not the guard
+    assert lines["0003_0002"]["contrast_reason"] == ("modalities differ (0000 <- 0001), by rule: "
+                                                     "intensity terms on the moving image mapped into the fixed contrast")
+    assert lines["0003_0002"]["intensity_matched"] and "contrast_verdict" not in lines["0003_0002"]  # the rule decided
     assert lines["0002_0001"]["contrast_reason"].startswith("modality 0000 on both; brain NCC")
     assert lines["0002_0001"]["contrast_path"] == "same-contrast" and lines["0002_0001"]["intensity_used"]
-    assert "cross-contrast: 1 pair, modalities differ (0000 <- 0001), by rule: 0003<-0002" in stdout
-    assert "MIND-SSC only (modalities differ" in stderr + stdout  # the pair's progress line
-    # the field is the MIND-SSC-only registration of the pair
+    assert not lines["0002_0001"]["intensity_matched"]
+    assert "cross-contrast: 1 pair, modalities differ (0000 <- 0001), by rule: intensity terms" in stdout
+    assert "cross-contrast: intensities mapped (by rule)" in stderr + stdout  # the pair's progress line
+    # the field is the registration of the pair told that the contrasts differ
     config = load_config("lumir", tuple(s for s in short if s != "--set"))
     expected = register(data / "imagesVal" / "SYNTH_0003_0000.nii.gz", data / "imagesVal" / "SYNTH_0002_0001.nii.gz",
-                        config=without_intensity_terms(config)).disp
+                        config=contrast_plan(Pair.from_paths(data / "imagesVal" / "SYNTH_0003_0000.nii.gz",
+                                                             data / "imagesVal" / "SYNTH_0002_0001.nii.gz"), config)[0]).disp
     np.testing.assert_array_equal(load_field(out / "disp_0003_0002.nii.gz"), expected)
 
 

@@ -173,7 +173,7 @@ def test_affine_recovers_known_affine():
 @pytest.mark.parametrize("overrides, names", [
     ([], ["features", "coarse", "contrast", "refine", "fine", "unfold"]),
     (["affine.enabled=true"], ["affine", "features", "coarse", "contrast", "refine", "fine", "compose", "unfold"]),
-    (["contrast.min_ncc=-1", "unfold.rounds=0"], ["features", "coarse", "refine", "fine"]),
+    (["contrast.min_ncc=-1", "contrast.max_match_gain=2", "unfold.rounds=0"], ["features", "coarse", "refine", "fine"]),
     (["coarse.enabled=false", "fine.enabled=false", "refine.intensity_weight=0"], ["features", "refine", "unfold"]),
     (["refine.iterations=0", "fine.iterations=0"], ["features", "coarse", "contrast", "unfold"]),
 ])

@@ -130,9 +130,8 @@ class BatchReport:
         groups: dict[tuple[str, str], list[str]] = {}
         for outcome in self.outcomes:
             if "contrast_path" in outcome.contrast:
-                reason = outcome.contrast["contrast_reason"]
-                if "contrast_ncc" in outcome.contrast:  # the figure differs per pair: group by the verdict
-                    reason = "the guard found the contrasts " + ("agree" if outcome.contrast["intensity_used"] else "differ")
+                # the guard's reason has per-pair figures: group by its verdict
+                reason = outcome.contrast.get("contrast_verdict", outcome.contrast["contrast_reason"])
                 groups.setdefault((outcome.contrast["contrast_path"], reason), []).append(outcome.pair.label)
         return [f"{path}: {len(labels)} pair{'s' if len(labels) != 1 else ''}, {reason}: {', '.join(labels)}"
                 for (path, reason), labels in groups.items()]

@@ -168,32 +168,46 @@ def without_intensity_terms(config: RegistrationConfig) -> RegistrationConfig:
 def contrast_plan(pair: Pair, config: RegistrationConfig) -> tuple[RegistrationConfig, str | None]:
     """The config a pair is registered with, and the rule's reason when it changed it.
 
-    A pair whose images differ in modality (:attr:`jaxreg.dataset.Pair.modalities_differ`) gets
-    :func:`without_intensity_terms`: the cross-contrast path by rule. Any other pair, of one
-    modality or of none known, keeps `config`, whose guard (if it has one) judges the images."""
-    if pair.modalities_differ and config.uses_intensity_terms:
-        return (without_intensity_terms(config),
-                f"modalities differ ({pair.fixed_modality} <- {pair.moving_modality}), by rule")
-    return config, None
+    A pair whose images differ in modality (:attr:`jaxreg.dataset.Pair.modalities_differ`) is a
+    cross-contrast pair by rule: a preset that matches contrasts (``contrast.match``) is told that
+    they differ (``contrast.assume``), any other loses its intensity terms
+    (:func:`without_intensity_terms`). Any other pair, of one modality or of none known, keeps
+    `config`, whose guard (if it has one) judges the images."""
+    if not (pair.modalities_differ and config.uses_intensity_terms):
+        return config, None
+    rule = f"modalities differ ({pair.fixed_modality} <- {pair.moving_modality}), by rule"
+    if config.contrast.match:
+        return (replace(config, contrast=replace(config.contrast, assume="different")),
+                f"{rule}: intensity terms on the moving image mapped into the fixed contrast")
+    return without_intensity_terms(config), f"{rule}: MIND-SSC alone"
 
 
 def contrast_record(pair: Pair, config: RegistrationConfig, summary: Summary) -> dict:
     """Which path a registered pair took and why, for its outcome and the run log: ``contrast_path``,
-    ``contrast_reason`` and, when the guard decided, ``contrast_ncc`` and ``intensity_used``.
-    `config` is the preset as given (before :func:`contrast_plan`)."""
+    ``contrast_reason``, ``contrast_verdict`` where the guard decided (the reason without the figures) and,
+    where the guard measured them, ``contrast_ncc``, ``contrast_match_gain``,
+    ``intensity_used`` and ``intensity_matched``. `config` is the preset as given (before
+    :func:`contrast_plan`)."""
+    figures = {}
+    if summary.contrast_ncc is not None:
+        figures = {"contrast_ncc": round(summary.contrast_ncc, 4), "intensity_used": summary.intensity_terms_used,
+                   "intensity_matched": summary.intensity_terms_matched}
+        if summary.contrast_match_gain is not None:
+            figures["contrast_match_gain"] = round(summary.contrast_match_gain, 4)
     by_rule = contrast_plan(pair, config)[1]
     if by_rule is not None:
-        return {"contrast_path": CROSS_CONTRAST, "contrast_reason": by_rule}
+        return {"contrast_path": CROSS_CONTRAST, "contrast_reason": by_rule, **figures}
     if not config.uses_intensity_terms:
         return {"contrast_path": CROSS_CONTRAST, "contrast_reason": "the preset has no intensity terms"}
     known = "" if pair.modalities_differ is None else f"modality {pair.fixed_modality} on both; "
     if summary.contrast_ncc is None:
         return {"contrast_path": SAME_CONTRAST, "contrast_reason": f"{known}the preset does not guard its intensity terms"}
-    used = summary.intensity_terms_used
-    return {"contrast_path": SAME_CONTRAST if used else CROSS_CONTRAST,
-            "contrast_reason": (f"{known}brain NCC {summary.contrast_ncc:.2f} after the coarse search: the contrasts "
-                                f"{'agree' if used else 'differ'} (guard)"),
-            "contrast_ncc": round(summary.contrast_ncc, 4), "intensity_used": used}
+    same = summary.intensity_terms_used and not summary.intensity_terms_matched
+    action = ("intensity terms used" if same else
+              "intensity terms on the mapped moving image" if summary.intensity_terms_matched else "MIND-SSC alone")
+    return {"contrast_path": SAME_CONTRAST if same else CROSS_CONTRAST,
+            "contrast_reason": f"{known}{summary.contrast_verdict()} (guard)",
+            "contrast_verdict": f"the guard found the contrasts {'agree' if same else 'differ'}: {action}", **figures}
 
 
 def run_pair(job: PairJob, config: RegistrationConfig, *, guard: bool, device=None) -> PairOutcome:
