@@ -61,4 +61,5 @@ def test_lumir_maps_a_flair_like_moving_image_and_beats_mind_ssc_alone():
     mind_alone = register(fixed_path, moving_path, preset="lumir", overrides=["contrast.match=false"])
     assert not mind_alone.summary.intensity_terms_used
     assert dice(matched.disp) > dice(mind_alone.disp) + 0.01, (dice(matched.disp), dice(mind_alone.disp))
-    assert metrics.ndv(matched.disp, load_volume(fixed_path)[0] > 0) == 0
+    assert matched.summary.folding_voxels == 0  # NDV: float32 rounding of repaired voxels at most
+    assert metrics.ndv(matched.disp, load_volume(fixed_path)[0] > 0) < 1e-6
