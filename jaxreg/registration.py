@@ -67,13 +67,14 @@ class Summary:
             verdict = "the contrasts differ, as configured"
         else:
             verdict = f"the contrasts {'differ' if self.intensity_terms_matched or not self.intensity_terms_used else 'agree'}"
+        return f"{found} after the coarse search: {verdict}; {self.contrast_action}"
+
+    @property
+    def contrast_action(self) -> str:
+        """What the intensity terms did, in words."""
         if self.intensity_terms_matched:
-            action = "intensity terms on the moving image mapped into the fixed contrast"
-        elif self.intensity_terms_used:
-            action = "intensity terms used"
-        else:
-            action = "MIND-SSC alone"
-        return f"{found} after the coarse search: {verdict}; {action}"
+            return "intensity terms on the moving image mapped into the fixed contrast"
+        return "intensity terms used" if self.intensity_terms_used else "MIND-SSC alone"
 
 
 @dataclass(frozen=True, kw_only=True)

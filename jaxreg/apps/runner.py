@@ -203,11 +203,10 @@ def contrast_record(pair: Pair, config: RegistrationConfig, summary: Summary) ->
     if summary.contrast_ncc is None:
         return {"contrast_path": SAME_CONTRAST, "contrast_reason": f"{known}the preset does not guard its intensity terms"}
     same = summary.intensity_terms_used and not summary.intensity_terms_matched
-    action = ("intensity terms used" if same else
-              "intensity terms on the mapped moving image" if summary.intensity_terms_matched else "MIND-SSC alone")
     return {"contrast_path": SAME_CONTRAST if same else CROSS_CONTRAST,
             "contrast_reason": f"{known}{summary.contrast_verdict()} (guard)",
-            "contrast_verdict": f"the guard found the contrasts {'agree' if same else 'differ'}: {action}", **figures}
+            "contrast_verdict": f"the guard found the contrasts {'agree' if same else 'differ'}: {summary.contrast_action}",
+            **figures}
 
 
 def run_pair(job: PairJob, config: RegistrationConfig, *, guard: bool, device=None) -> PairOutcome:
