@@ -56,10 +56,11 @@ def judge_contrast(fixed_n: jnp.ndarray, moving_n: jnp.ndarray, disp: jnp.ndarra
     if not (contrast.match or contrast.max_match_gain < 2):
         return ContrastVerdict(agreement, nan, differ, ~differ, moving_n)
     keys = functools.partial(_table_keys, width=contrast.match_context)
+    moved_keys = keys(moved)
     shape = (contrast.match_bins,) + ((CONTEXT_BINS,) if contrast.match_context > 1 else ())
     sample = (slice(None, None, TABLE_STRIDE),) * 3
-    table = intensity_table([key[sample] for key in keys(moved)], fixed_n[sample], mask[sample], shape)
-    gain = ncc(fixed_n, apply_table(keys(moved), table), mask) - agreement
+    table = intensity_table([key[sample] for key in moved_keys], fixed_n[sample], mask[sample], shape)
+    gain = ncc(fixed_n, apply_table(moved_keys, table), mask) - agreement
     differ = differ | (gain >= contrast.max_match_gain)
     if not contrast.match:
         return ContrastVerdict(agreement, gain, differ, ~differ, moving_n)
