@@ -15,13 +15,14 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import SingleDeviceSharding
 
 from .config import RegistrationConfig
-from .pipeline import batched_program, program
+from .pipeline import Outputs, batched_program, batched_report_program, program, report_program
 
 log = logging.getLogger(__name__)
 
@@ -77,34 +78,52 @@ def compile_jitted(jitted, *args, **kwargs):
     return jitted.lower(*args, **kwargs).compile(compiler_options=options)
 
 
-def _compile(key, jitted, *args, config: RegistrationConfig):
-    """Compile `jitted` for these abstract arguments once per process (ahead of time, so compilation
-    is timed apart). Returns (executable, compile_seconds; 0.0 when cached)."""
+class CompiledProgram(NamedTuple):
+    """A registration's two executables: the registration program (:data:`pipeline.program`) and its
+    report program (:data:`pipeline.report_program`). Called as one function of the inputs, it returns
+    :class:`pipeline.Outputs` (arrays on the device, not waited for)."""
+
+    field: Any
+    report: Any
+
+    def __call__(self, fixed, moving, *init):
+        field = self.field(fixed, moving, *init)
+        return Outputs.of(field, self.report(fixed, moving, field.disp, *init))
+
+
+def _compile(key, build):
+    """``build()`` once per `key` per process (ahead of time, so compilation is timed apart).
+    Returns (executable, compile_seconds; 0.0 when cached)."""
     with _compile_lock:  # batch threads asking at once compile once
         if key in _executables:
             return _executables[key], 0.0
         start = time.perf_counter()
-        executable = compile_jitted(jitted, *args, config=config)
+        executable = build()
         _executables[key] = executable
         return executable, time.perf_counter() - start
 
 
 def compiled_program(config: RegistrationConfig, shape: tuple[int, int, int], with_init: bool, device=None):
     """The compiled program for this config and grid (on `device`, default: JAX's default device).
-    Returns (executable, compile_seconds)."""
+    Returns (:class:`CompiledProgram`, compile_seconds)."""
     sharding = None if device is None else SingleDeviceSharding(device)
     image = jax.ShapeDtypeStruct(tuple(shape), jnp.float32, sharding=sharding)
-    init = jax.ShapeDtypeStruct((3,) + tuple(shape), jnp.float32, sharding=sharding) if with_init else None
+    field = jax.ShapeDtypeStruct((3,) + tuple(shape), jnp.float32, sharding=sharding)
+    init = field if with_init else None
     key = (config, tuple(shape), with_init, None if device is None else device.id)
-    return _compile(key, program, image, image, init, config=config)
+    return _compile(key, lambda: CompiledProgram(compile_jitted(program, image, image, init, config=config),
+                                                 compile_jitted(report_program, image, image, field, init)))
 
 
 def compiled_batched_program(config: RegistrationConfig, shape: tuple[int, int, int], pairs: int):
     """The compiled program registering `pairs` same-grid pairs at once (vmap). On an accelerator
     this raises pairs per second while one pair leaves the device partly idle; on CPU it only
-    multiplies the memory. Returns (executable, compile_seconds)."""
+    multiplies the memory. Returns (:class:`CompiledProgram` without a starting field, compile_seconds)."""
     stack = jax.ShapeDtypeStruct((pairs,) + tuple(shape), jnp.float32)
-    return _compile((config, tuple(shape), "batched", pairs), batched_program, stack, stack, config=config)
+    fields = jax.ShapeDtypeStruct((pairs, 3) + tuple(shape), jnp.float32)
+    return _compile((config, tuple(shape), "batched", pairs),
+                    lambda: CompiledProgram(compile_jitted(batched_program, stack, stack, config=config),
+                                            compile_jitted(batched_report_program, stack, stack, fields)))
 
 
 def configure(*, cache_dir: str | os.PathLike | None = DEFAULT_CACHE, min_compile_seconds: float = 0.5) -> dict:

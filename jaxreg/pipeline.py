@@ -8,7 +8,8 @@ convention ``moved(x) = moving(x + disp(x))``, channel c along array axis c).
 
 :func:`stages` builds the tuple from a config, leaving out the stages it turns off; each stage is a
 pure function :class:`State` -> :class:`State`. :func:`_program` is :func:`start`, the fold, then
-:func:`finish`, and ``jaxreg benchmark`` times exactly these pieces one by one.
+:func:`finish`; :func:`report` (a second, small program) then pulls the moving image through the
+field and measures the NCC. ``jaxreg benchmark`` times exactly these pieces one by one.
 """
 
 from __future__ import annotations
@@ -64,21 +65,47 @@ class State(NamedTuple):
     folding_voxels: jnp.ndarray
 
 
-class Outputs(NamedTuple):
-    """What the compiled program returns (every field gains a leading pair axis when batched)."""
+class Field(NamedTuple):
+    """What the registration program returns (every field gains a leading pair axis when batched)."""
 
     disp: jnp.ndarray  # (3, X, Y, Z) voxels, LUMIR convention
     affine: jnp.ndarray  # (3, 4) fixed voxel -> moving voxel; the identity without the affine stage
-    moved: jnp.ndarray  # the normalised moving image pulled through disp (border padding)
-    refine_loss: jnp.ndarray  # the feature level's loss before and after its Adam steps, or (0,)
+    refine_loss: jnp.ndarray  # the feature level's loss at its first and last Adam step, or (0,)
     contrast_ncc: jnp.ndarray  # brain NCC that the contrast guard judged (NaN: no guard)
     contrast_gain: jnp.ndarray  # how much mapping the moved intensities raised it (NaN: not measured)
     intensity_used: jnp.ndarray  # whether the intensity terms ran
     intensity_matched: jnp.ndarray  # whether they ran on the moving image mapped into the fixed contrast
     unfold_rounds: jnp.ndarray
     folding_voxels: jnp.ndarray  # folding voxels left after the fold repair
+
+
+class Report(NamedTuple):
+    """What the report program returns: what the field does to the images."""
+
+    moved: jnp.ndarray  # the normalised moving image pulled through disp (border padding)
+    ncc_before: jnp.ndarray  # NCC of the normalised images before: unregistered, or through the starting field
+    ncc_after: jnp.ndarray
+
+
+class Outputs(NamedTuple):
+    """A registration's :class:`Field` and :class:`Report` together."""
+
+    disp: jnp.ndarray
+    affine: jnp.ndarray
+    refine_loss: jnp.ndarray
+    contrast_ncc: jnp.ndarray
+    contrast_gain: jnp.ndarray
+    intensity_used: jnp.ndarray
+    intensity_matched: jnp.ndarray
+    unfold_rounds: jnp.ndarray
+    folding_voxels: jnp.ndarray
+    moved: jnp.ndarray
     ncc_before: jnp.ndarray
     ncc_after: jnp.ndarray
+
+    @classmethod
+    def of(cls, field: Field, report: Report) -> Outputs:
+        return cls(*field, *report)
 
 
 class Stage(NamedTuple):
@@ -195,33 +222,48 @@ def start(fixed: jnp.ndarray, moving: jnp.ndarray, init_disp: jnp.ndarray | None
                  unfold_rounds=jnp.int32(0), folding_voxels=jnp.int32(0))
 
 
-def finish(state: State) -> Outputs:
-    """The program's outputs: the field, the moved image and the figures of the summary."""
-    moved = warp(state.moving_n, state.disp, "border")
-    return Outputs(disp=state.disp, affine=state.matrix, moved=moved, refine_loss=state.losses,
-                   contrast_ncc=state.contrast_ncc, contrast_gain=state.contrast_gain,
-                   intensity_used=state.use_intensity, intensity_matched=state.matched,
-                   unfold_rounds=state.unfold_rounds, folding_voxels=state.folding_voxels,
-                   ncc_before=ncc(state.fixed_n, state.moving_n), ncc_after=ncc(state.fixed_n, moved))
+def finish(state: State) -> Field:
+    """The program's outputs: the field and the figures the stages measured."""
+    return Field(disp=state.disp, affine=state.matrix, refine_loss=state.losses,
+                 contrast_ncc=state.contrast_ncc, contrast_gain=state.contrast_gain,
+                 intensity_used=state.use_intensity, intensity_matched=state.matched,
+                 unfold_rounds=state.unfold_rounds, folding_voxels=state.folding_voxels)
 
 
-def _program(fixed, moving, init_disp, *, config: RegistrationConfig) -> Outputs:
+def _program(fixed, moving, init_disp, *, config: RegistrationConfig) -> Field:
     """The whole registration as one traced function: start, every stage in order, finish."""
     state = start(fixed, moving, init_disp)
     for stage in stages(config, with_init=init_disp is not None):
         state = stage.apply(state)
-    outputs = finish(state)
-    if init_disp is not None:  # "before" is the starting field: what the refinement has to beat
-        outputs = outputs._replace(ncc_before=ncc(state.fixed_n, warp(state.moving_n, init_disp, "border")))
-    return outputs
+    return finish(state)
+
+
+def report(fixed, moving, disp, init_disp) -> Report:
+    """The moved image and the NCC of the normalised images before and after.
+
+    A program of its own, run after the registration program: computed inside it, these outputs
+    made it slower by more than they cost alone (XLA schedules the field's last stages worse when
+    it must also return images derived from it). "Before" is the starting field where there is one:
+    what the registration had to beat."""
+    fixed_n, moving_n = normalise(fixed), normalise(moving)
+    moved = warp(moving_n, disp, "border")
+    before = moving_n if init_disp is None else warp(moving_n, init_disp, "border")
+    return Report(moved=moved, ncc_before=ncc(fixed_n, before), ncc_after=ncc(fixed_n, moved))
 
 
 program = jax.jit(_program, static_argnames=("config",))
+report_program = jax.jit(report)
 
 
-def _batched_program(fixed, moving, *, config: RegistrationConfig) -> Outputs:
+def _batched_program(fixed, moving, *, config: RegistrationConfig) -> Field:
     """`_program` over a leading pair axis: (B, X, Y, Z) stacks in, every output gains the B axis."""
     return jax.vmap(lambda f, m: _program(f, m, None, config=config))(fixed, moving)
 
 
+def _batched_report(fixed, moving, disp) -> Report:
+    """:func:`report` over a leading pair axis."""
+    return jax.vmap(lambda f, m, d: report(f, m, d, None))(fixed, moving, disp)
+
+
 batched_program = jax.jit(_batched_program, static_argnames=("config",))
+batched_report_program = jax.jit(_batched_report)

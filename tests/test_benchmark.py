@@ -19,7 +19,7 @@ def test_benchmark_reports_compile_stages_memory_and_bandwidth(tmp_path):
     report = run_benchmark(tmp_path / "f.nii.gz", tmp_path / "m.nii.gz", config, repeats=1)
     assert report.shape == fixed.shape and len(report.total_seconds) == 1
     assert report.peak_memory_gb > 0 and report.bandwidth_gbps > 0.1
-    assert [name.split(" ")[0] for name in report.stages] == ["start", "features", "coarse", "refine", "finish"]
+    assert [name.split(" ")[0] for name in report.stages] == ["start", "features", "coarse", "refine", "finish", "report"]
     assert report.stages_seconds == sum(report.stages.values()) and report.fine_seconds is None
     assert report.median_seconds == report.total_seconds[0]
     # the floor is the bytes of 30 steps over the measured bandwidth
@@ -35,10 +35,10 @@ def test_benchmark_times_the_full_resolution_level_and_the_fold_repair(tmp_path)
         nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / f"{name}.nii.gz")
     config = load_config("lumir", ["refine.iterations=5", "fine.iterations=3", "unfold.rounds=2"])
     report = run_benchmark(tmp_path / "f.nii.gz", tmp_path / "m.nii.gz", config, repeats=1)
-    # exactly the program's stages, the same-contrast guard included, between start and finish
-    assert [name.split(" ")[0] for name in report.stages] == ["start", *(s.name for s in stages(config)), "finish"]
+    # exactly the program's stages, the same-contrast guard included, between start and finish, then the report
+    assert [name.split(" ")[0] for name in report.stages] == ["start", *(s.name for s in stages(config)), "finish", "report"]
     assert [name.split(" ")[0] for name in report.stages] == [
-        "start", "features", "coarse", "contrast", "refine", "fine", "unfold", "finish"]
+        "start", "features", "coarse", "contrast", "refine", "fine", "unfold", "finish", "report"]
     assert all(seconds > 0 for seconds in report.stages.values())
     # the refinement is timed on the features the program uses: MIND-SSC plus the intensity channel
     cells = (fixed.shape[0] // 2) * (fixed.shape[1] // 2) * (fixed.shape[2] // 2)

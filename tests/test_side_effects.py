@@ -141,4 +141,4 @@ def test_the_option_reaches_the_compiled_programs(monkeypatch):
     assert "__ynn_fusion" not in compilation.compile_jitted(reduction, stack).as_text()
     from jaxreg.config import load_config
     executable, _ = compilation.compiled_program(load_config("fast"), (16, 20, 12), False)
-    assert "__ynn_fusion" not in executable.as_text()
+    assert "__ynn_fusion" not in executable.field.as_text()

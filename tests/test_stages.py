@@ -80,19 +80,23 @@ def test_adam_on_smoothed_parameters_matches_optax_through_autodiff(passes):
     target = jnp.asarray(rng.normal(0, 1, (3, 9, 8, 7)), jnp.float32)
     start = jnp.asarray(rng.normal(0, 0.5, (3, 9, 8, 7)), jnp.float32)
     loss_of_smoothed = lambda s: jnp.sum((s - target) ** 2 * (1 + target ** 2)) + jnp.sum(jnp.cos(s))
-    got = jax.jit(lambda p: adam_on_smoothed(loss_of_smoothed, p, passes, 0.1, 6))(start)
+    got, losses = jax.jit(lambda p: adam_on_smoothed(loss_of_smoothed, p, passes, 0.1, 6))(start)
 
     optimiser = optax.adam(0.1)
 
     def step(carry, _):
         p, state = carry
-        gradient = jax.grad(lambda q: loss_of_smoothed(refine_module.smooth_grid(q, passes)))(p)
+        loss, gradient = jax.value_and_grad(lambda q: loss_of_smoothed(refine_module.smooth_grid(q, passes)))(p)
         updates, state = optimiser.update(gradient, state, p)
-        return (optax.apply_updates(p, updates), state), None
+        return (optax.apply_updates(p, updates), state), loss
 
-    expected = jax.jit(lambda p: jax.lax.scan(step, (p, optimiser.init(p)), None, length=6)[0][0])(start)
+    (expected, _), expected_losses = jax.jit(lambda p: jax.lax.scan(step, (p, optimiser.init(p)), None, length=6))(start)
     assert float(jnp.max(jnp.abs(got - start))) > 0.1  # the steps moved the parameters
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-5)
+    # the loss at each step's start, the first being the loss of the starting parameters
+    assert losses.shape == (6,) and float(losses[-1]) < float(losses[0])
+    np.testing.assert_allclose(losses[0], loss_of_smoothed(refine_module.smooth_grid(start, passes)), rtol=1e-6)
+    np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)
 
 
 def test_adam_steps_where_the_kernels_fail_to_build_match_optax(monkeypatch):
@@ -103,7 +107,7 @@ def test_adam_steps_where_the_kernels_fail_to_build_match_optax(monkeypatch):
     rng = np.random.default_rng(5)
     target = jnp.asarray(rng.normal(0, 1, (3, 7, 6, 9)), jnp.float32)  # a shape no other test traces
     loss_of_smoothed = lambda s: jnp.sum((s - target) ** 2)
-    program = jax.jit(lambda p: adam_on_smoothed(loss_of_smoothed, p, 2, 0.1, 4))
+    program = jax.jit(lambda p: adam_on_smoothed(loss_of_smoothed, p, 2, 0.1, 4)[0])
     assert "jaxreg_" not in program.lower(jnp.zeros_like(target)).as_text(dialect="hlo")
     got = program(jnp.zeros_like(target))
     optimiser = optax.adam(0.1)
@@ -195,6 +199,6 @@ def test_stages_jitted_one_by_one_compute_what_the_one_program_computes():
         state = jax.jit(stage.apply)(state)
     pieces = jax.jit(pipeline.finish)(state)
     assert bool(pieces.intensity_used) and float(np.abs(pieces.disp).max()) > 0.5
-    for name in pipeline.Outputs._fields:
+    for name in pipeline.Field._fields:
         np.testing.assert_allclose(np.asarray(getattr(pieces, name)), np.asarray(getattr(whole, name)),
                                    atol=1e-4, err_msg=name)

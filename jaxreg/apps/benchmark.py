@@ -4,7 +4,8 @@ Figures, not assertions: this is what `jaxreg benchmark` prints. The whole progr
 :func:`jaxreg.registration.run_program` runs it for `register`, so its time is the time `register`
 reports and the peak memory that of a real registration. The per-stage breakdown times the very
 pieces that program is made of (:func:`jaxreg.pipeline.start`, each stage of
-:func:`jaxreg.pipeline.stages`, :func:`jaxreg.pipeline.finish`), each compiled alone and applied in
+:func:`jaxreg.pipeline.stages`, :func:`jaxreg.pipeline.finish`, then the report program
+:func:`jaxreg.pipeline.report`), each compiled alone and applied in
 sequence, so the rows add up to about the whole; what the one program saves by fusing across stage
 boundaries shows as the difference.
 """
@@ -116,8 +117,9 @@ def _timed(fn, *args, repeats: int = 1, reduce=np.median) -> float:
 def _compiled_pieces(shape: tuple, config: RegistrationConfig) -> list:
     """(row label, executable) of each piece of the program in order: :func:`pipeline.start`, every
     stage of :func:`pipeline.stages`, :func:`pipeline.finish`; each compiled alone, with the
-    program's compiler options, for the state the piece before hands on."""
+    program's compiler options, for the state the piece before hands on; then the report program."""
     image = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
+    field = jax.ShapeDtypeStruct((3,) + tuple(shape), jnp.float32)
 
     def start(fixed, moving):
         return pipeline.start(fixed, moving, None)
@@ -127,7 +129,9 @@ def _compiled_pieces(shape: tuple, config: RegistrationConfig) -> list:
     for stage in pipeline.stages(config):
         pieces.append((f"{stage.name} ({stage.description})", compile_jitted(jax.jit(stage.apply), state)))
         state = jax.eval_shape(stage.apply, state)
-    pieces.append(("finish (moved image, NCC, outputs to the host)", compile_jitted(jax.jit(pipeline.finish), state)))
+    pieces.append(("finish (outputs)", compile_jitted(jax.jit(pipeline.finish), state)))
+    pieces.append(("report (moved image, NCC, outputs to the host)",
+                   compile_jitted(pipeline.report_program, image, image, field, None)))
     return pieces
 
 
@@ -136,16 +140,20 @@ def _run_pieces(pieces: list, fixed: np.ndarray, moving: np.ndarray) -> list[flo
     waited for before the next starts: seconds per piece. As :func:`run_program` counts, the first
     piece includes moving the images to the device and the last moving the outputs back."""
     seconds = []
-    (_, start), *stages, (_, finish) = pieces
+    (_, start), *stages, (_, finish), (_, report) = pieces
     begin = time.perf_counter()
-    state = jax.block_until_ready(start(jax.device_put(fixed), jax.device_put(moving)))
+    fixed, moving = jax.device_put(fixed), jax.device_put(moving)
+    state = jax.block_until_ready(start(fixed, moving))
     seconds.append(time.perf_counter() - begin)
     for _, apply in stages:
         begin = time.perf_counter()
         state = jax.block_until_ready(apply(state))
         seconds.append(time.perf_counter() - begin)
     begin = time.perf_counter()
-    jax.device_get(finish(state))
+    field = jax.block_until_ready(finish(state))
+    seconds.append(time.perf_counter() - begin)
+    begin = time.perf_counter()
+    jax.device_get((field, report(fixed, moving, field.disp, None)))
     seconds.append(time.perf_counter() - begin)
     return seconds
 

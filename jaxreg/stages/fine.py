@@ -33,6 +33,6 @@ def refine_fine(fixed: jnp.ndarray, moving: jnp.ndarray, init_disp: jnp.ndarray,
             loss = loss + config.fold_weight * fold_penalty(disp, config.fold_margin)
         return loss
 
-    residual = adam_on_smoothed(loss_of_smoothed, jnp.zeros_like(init_disp), config.smoothing_passes,
-                                config.learning_rate, config.iterations)
+    residual, _ = adam_on_smoothed(loss_of_smoothed, jnp.zeros_like(init_disp), config.smoothing_passes,
+                                   config.learning_rate, config.iterations)
     return init_disp + smooth_grid(residual, config.smoothing_passes)

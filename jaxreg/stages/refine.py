@@ -7,7 +7,7 @@ SMOOTHING_WIDTH^3 box filters. The feature level's loss (:func:`refine`) is the 
 over channels, averaged over cells) of the moving features pulled through the displacement +
 ``diffusion_weight`` * mean squared forward differences per axis (+ the fold penalty). The
 iterations run inside ``lax.scan`` (:func:`adam_on_smoothed`, shared with :mod:`jaxreg.stages.fine`);
-:func:`refine` reports the loss before and after them.
+:func:`refine` reports the loss at the first and the last of them.
 """
 
 from __future__ import annotations
@@ -39,10 +39,11 @@ ADAM = {"b1": 0.9, "b2": 0.999, "eps": 1e-8}  # optax.adam's defaults, written o
 
 
 def adam_on_smoothed(loss_of_smoothed, params: jnp.ndarray, passes: int, learning_rate: float,
-                     iterations: int) -> jnp.ndarray:
+                     iterations: int) -> tuple[jnp.ndarray, jnp.ndarray]:
     """`iterations` optax.adam steps inside ``lax.scan`` on `params`, whose loss is
-    ``loss_of_smoothed(smooth_grid(params, passes))``. Only gradients are taken: the loss values
-    would cost a full reduction per step that Adam never reads.
+    ``loss_of_smoothed(smooth_grid(params, passes))``. Returns (params, the loss at each step's
+    start, (iterations,)): the value comes with the gradient, so a caller that reports the loss does
+    not evaluate it again (a caller that does not lets XLA drop it).
 
     CPU programs with the kernels apply the smoothing's transpose by hand (the zero-padded box
     average is its own transpose): `passes` box filters of the gradient wrt the smoothed field, the
@@ -53,20 +54,21 @@ def adam_on_smoothed(loss_of_smoothed, params: jnp.ndarray, passes: int, learnin
     optimiser = optax.adam(learning_rate, **ADAM)
 
     def autodiff_step(p, state):
-        gradient = jax.grad(lambda q: loss_of_smoothed(smooth_grid(q, passes)))(p)
+        loss, gradient = jax.value_and_grad(lambda q: loss_of_smoothed(smooth_grid(q, passes)))(p)
         updates, state = optimiser.update(gradient, state, p)
-        return optax.apply_updates(p, updates), state
+        return (optax.apply_updates(p, updates), state), loss
 
     def kernel_step(p, state):
-        gradient = smooth_grid(jax.grad(loss_of_smoothed)(smooth_grid(p, passes)), passes - 1)
+        loss, gradient = jax.value_and_grad(loss_of_smoothed)(smooth_grid(p, passes))
+        gradient = smooth_grid(gradient, passes - 1)
         return on_cpu(functools.partial(_box_adam_update, learning_rate=learning_rate),
-                      functools.partial(_box_then_adam, optimiser=optimiser), gradient, p, state)
+                      functools.partial(_box_then_adam, optimiser=optimiser), gradient, p, state), loss
 
     def step(carry, _):
-        return (by_platform(kernel_step, autodiff_step, *carry) if passes > 0 else autodiff_step(*carry)), None
+        return by_platform(kernel_step, autodiff_step, *carry) if passes > 0 else autodiff_step(*carry)
 
-    (params, _), _ = jax.lax.scan(step, (params, optimiser.init(params)), None, length=iterations)
-    return params
+    (params, _), losses = jax.lax.scan(step, (params, optimiser.init(params)), None, length=iterations)
+    return params, losses
 
 
 def _adam_moments_index(state) -> int:
@@ -122,7 +124,7 @@ def with_intensity_channel(features: jnp.ndarray, image: jnp.ndarray, config: Re
 
 def refine(fixed_cells: jnp.ndarray, moving_cells: jnp.ndarray, init_disp: jnp.ndarray, config: RefineConfig):
     """Refine `init_disp` (3, X, Y, Z, full-resolution voxels). Returns (disp full-res, the loss
-    before and after the Adam steps).
+    at the first and the last Adam step).
 
     `fixed_cells`, `moving_cells`: (C, x, y, z) features average-pooled by ``config.grid_spacing``.
     """
@@ -138,11 +140,8 @@ def refine(fixed_cells: jnp.ndarray, moving_cells: jnp.ndarray, init_disp: jnp.n
             loss = loss + config.fold_weight * fold_penalty(disp, config.fold_margin)
         return loss
 
-    def loss_fn(p):
-        return loss_of_smoothed(smooth_grid(p, config.smoothing_passes))
-
     start = resize(init_disp, cell_shape) / spacing
-    params = adam_on_smoothed(loss_of_smoothed, start, config.smoothing_passes, config.learning_rate,
-                              config.iterations)
+    params, losses = adam_on_smoothed(loss_of_smoothed, start, config.smoothing_passes, config.learning_rate,
+                                      config.iterations)
     disp = smooth_grid(params, config.smoothing_passes) * spacing
-    return resize(disp, full_shape), jnp.stack([loss_fn(start), loss_fn(params)])
+    return resize(disp, full_shape), losses[jnp.array([0, -1])]
