@@ -126,8 +126,10 @@ def _compiled_pieces(shape: tuple, config: RegistrationConfig) -> list:
 
     pieces = [("start (inputs to the device, normalised)", compile_jitted(jax.jit(start), image, image))]
     state = jax.eval_shape(start, image, image)
+    # each stage takes over the state it is handed (donated), as inside the one program: the arrays
+    # it passes on unchanged are not copied
     for stage in pipeline.stages(config):
-        pieces.append((f"{stage.name} ({stage.description})", compile_jitted(jax.jit(stage.apply), state)))
+        pieces.append((f"{stage.name} ({stage.description})", compile_jitted(jax.jit(stage.apply, donate_argnums=0), state)))
         state = jax.eval_shape(stage.apply, state)
     pieces.append(("finish (outputs)", compile_jitted(jax.jit(pipeline.finish), state)))
     pieces.append(("report (moved image, NCC, outputs to the host)",
