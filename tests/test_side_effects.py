@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxreg import compilation
+from jaxreg import compilation, xla_options
 
 YNN = "xla_cpu_experimental_ynn_fusion_type"
 
@@ -113,19 +113,19 @@ def test_configure_without_a_writable_home_keeps_no_cache_and_says_so_in_one_lin
 
 def test_cpu_programs_get_jaxreg_s_options_unless_xla_flags_set_them(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS", raising=False)
-    if not compilation._cpu_accepts(YNN, ""):
+    if not xla_options._cpu_accepts(YNN, ""):
         pytest.skip("this jaxlib does not know the YNNPACK fusion option")
-    assert compilation.compiler_options("cpu") == {YNN: ""}
-    assert compilation.compiler_options("cuda") == {} and compilation.compiler_options("tpu") == {}
+    assert xla_options.compiler_options("cpu") == {YNN: ""}
+    assert xla_options.compiler_options("cuda") == {} and xla_options.compiler_options("tpu") == {}
     monkeypatch.setenv("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=true --{YNN}=reduce")
-    assert compilation.compiler_options("cpu") == {}  # the user's setting wins
+    assert xla_options.compiler_options("cpu") == {}  # the user's setting wins
 
 
 def test_an_option_the_jaxlib_does_not_know_is_left_out_with_a_debug_line(monkeypatch, caplog):
-    monkeypatch.setattr(compilation, "CPU_OPTIONS", {"xla_cpu_no_such_option_in_any_jaxlib": "1"})
-    with caplog.at_level(logging.DEBUG, logger="jaxreg.compilation"):
-        assert compilation.compiler_options("cpu") == {}
-        executable = compilation.compile_jitted(jax.jit(lambda x: x * 2), jnp.ones(3))
+    monkeypatch.setattr(xla_options, "CPU_OPTIONS", {"xla_cpu_no_such_option_in_any_jaxlib": "1"})
+    with caplog.at_level(logging.DEBUG, logger="jaxreg.xla_options"):
+        assert xla_options.compiler_options("cpu") == {}
+        executable = xla_options.compile_jitted(jax.jit(lambda x: x * 2), jnp.ones(3))
     assert [float(v) for v in executable(jnp.ones(3))] == [2.0, 2.0, 2.0]
     assert sum("xla_cpu_no_such_option_in_any_jaxlib" in r.getMessage() for r in caplog.records) == 1
 
@@ -138,7 +138,10 @@ def test_the_option_reaches_the_compiled_programs(monkeypatch):
     reduction = jax.jit(lambda a: jnp.sum(a, axis=0))
     if "__ynn_fusion" not in reduction.lower(stack).compile().as_text():
         pytest.skip("this jaxlib makes no YNNPACK fusion of a leading-axis reduction")
-    assert "__ynn_fusion" not in compilation.compile_jitted(reduction, stack).as_text()
+    assert "__ynn_fusion" not in xla_options.compile_jitted(reduction, stack).as_text()
     from jaxreg.config import load_config
     executable, _ = compilation.compiled_program(load_config("fast"), (16, 20, 12), False)
     assert "__ynn_fusion" not in executable.field.as_text()
+    from jaxreg.ops import invert  # nor has the inversion's grid round (a sum over the 3 components)
+    field = jnp.zeros((3, 16, 20, 12), jnp.float32)
+    assert "__ynn_fusion" not in invert._compiled(invert._grid_round, field, field, field).as_text()

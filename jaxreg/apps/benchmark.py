@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import pipeline
-from ..compilation import compile_jitted, compiled_batched_program, compiled_program
+from ..compilation import compiled_batched_program, compiled_program
+from ..xla_options import compile_jitted
 from ..config import RegistrationConfig
 from ..io import load_volume
 from ..registration import check_pair, run_program

@@ -30,6 +30,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..errors import InputError
+from ..xla_options import compile_jitted
 from .warp import warp_field
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,15 @@ def _residual(u: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
 
 
 _residual_jit = jax.jit(_residual)
+_executables: dict = {}
+
+
+def _compiled(jitted, *args):
+    """`jitted` compiled with jaxreg's XLA options for these arguments' shapes, once per process."""
+    key = (jitted, tuple((a.shape, a.dtype) for a in args))
+    if key not in _executables:
+        _executables[key] = compile_jitted(jitted, *args)
+    return _executables[key]
 
 
 def _keep_better(u, state, candidate):
@@ -154,9 +164,10 @@ def invert(disp, *, shape=None, tolerance: float = TOLERANCE) -> Inverse:
     shape = tuple(u.shape[1:]) if shape is None else tuple(int(n) for n in shape)
     u_device = jnp.asarray(u)
     v = -u_device if shape == tuple(u.shape[1:]) else jnp.zeros((3,) + shape, jnp.float32)
-    r = _residual_jit(u_device, v)
+    r = _compiled(_residual_jit, u_device, v)(u_device, v)
+    grid_round = _compiled(_grid_round, u_device, v, r)
     for number in range(GRID_ROUNDS):
-        v, r = _grid_round(u_device, v, r)
+        v, r = grid_round(u_device, v, r)
         log.debug("inverse, grid round %d: largest residual %.4f voxels", number + 1,
                   float(jnp.max(jnp.linalg.norm(r, axis=0))))
     phase = _VoxelPhase(u, np.array(v), np.array(r))
@@ -180,6 +191,6 @@ def consistency(disp, inverse, *, fixed_mask=None, moving_mask=None) -> tuple[Co
     """
     u = jnp.asarray(np.asarray(disp, np.float32))
     v = jnp.asarray(np.asarray(inverse, np.float32))
-    on_moving = np.asarray(jnp.linalg.norm(_residual_jit(u, v), axis=0))
-    on_fixed = np.asarray(jnp.linalg.norm(_residual_jit(v, u), axis=0))
+    on_moving = np.asarray(jnp.linalg.norm(_compiled(_residual_jit, u, v)(u, v), axis=0))
+    on_fixed = np.asarray(jnp.linalg.norm(_compiled(_residual_jit, v, u)(v, u), axis=0))
     return _summary(on_moving, moving_mask), _summary(on_fixed, fixed_mask)
