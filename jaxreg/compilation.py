@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from jax.sharding import SingleDeviceSharding
 
 from .config import RegistrationConfig
-from .xla_options import compile_jitted
 from .pipeline import Outputs, batched_program, batched_report_program, program, report_program
+from .xla_options import compile_jitted
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class CompiledProgram(NamedTuple):
 
     def __call__(self, fixed, moving, *init):
         field = self.field(fixed, moving, *init)
-        return Outputs.of(field, self.report(fixed, moving, field.disp, *init))
+        return Outputs(*field, *self.report(fixed, moving, field.disp, *init))
 
 
 def _compile(key, build):

@@ -87,25 +87,9 @@ class Report(NamedTuple):
     ncc_after: jnp.ndarray
 
 
-class Outputs(NamedTuple):
-    """A registration's :class:`Field` and :class:`Report` together."""
-
-    disp: jnp.ndarray
-    affine: jnp.ndarray
-    refine_loss: jnp.ndarray
-    contrast_ncc: jnp.ndarray
-    contrast_gain: jnp.ndarray
-    intensity_used: jnp.ndarray
-    intensity_matched: jnp.ndarray
-    unfold_rounds: jnp.ndarray
-    folding_voxels: jnp.ndarray
-    moved: jnp.ndarray
-    ncc_before: jnp.ndarray
-    ncc_after: jnp.ndarray
-
-    @classmethod
-    def of(cls, field: Field, report: Report) -> Outputs:
-        return cls(*field, *report)
+# A registration's Field and Report together: what a CompiledProgram returns (fields derived, so the
+# three types cannot drift apart)
+Outputs = NamedTuple("Outputs", [*Field.__annotations__.items(), *Report.__annotations__.items()])
 
 
 class Stage(NamedTuple):
