@@ -166,9 +166,14 @@ class RefineConfig:
     ``fold_weight`` > 0 adds ``fold_weight * mean(relu(fold_margin - det(I + grad u))^2)`` on the
     refinement grid: a penalty on (nearly) folding cells that lets a weaker diffusion weight stay
     fold-free (the margin keeps cells away from det = 0, where trilinear upsampling can fold).
+
+    ``symmetric = true`` also refines the backward field (moving to fixed, from the inverse of the
+    starting field) and returns the mean of the forward field and the inverse of the backward one:
+    neither image is the reference, which removes the bias of one direction (landmark error).
     """
 
     enabled: bool = True
+    symmetric: bool = False
     grid_spacing: int = 2
     iterations: int = 80
     learning_rate: float = 1.0

@@ -90,6 +90,14 @@ def _keep_better(u, state, candidate):
     return jnp.where(better, candidate, v), jnp.where(better, r_new, r), jnp.minimum(norm, norm_new)
 
 
+def invert_on_grid(u: jnp.ndarray, rounds: int = GRID_ROUNDS) -> jnp.ndarray:
+    """The whole-grid rounds of :func:`invert` alone, as JAX code for use inside a program: the
+    inverse of `u` (3, X, Y, Z) on its own grid, exact where the rounds converge (most voxels of a
+    smooth field)."""
+    v = -u
+    return jax.lax.fori_loop(0, rounds, lambda _, vr: _grid_round(u, *vr), (v, _residual(u, v)))[0]
+
+
 @jax.jit
 def _grid_round(u: jnp.ndarray, v: jnp.ndarray, r: jnp.ndarray):
     state = (v, r, jnp.sum(r * r, axis=0))

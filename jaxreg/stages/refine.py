@@ -7,7 +7,8 @@ SMOOTHING_WIDTH^3 box filters. The feature level's loss (:func:`refine`) is the 
 over channels, averaged over cells) of the moving features pulled through the displacement +
 ``diffusion_weight`` * mean squared forward differences per axis (+ the fold penalty). The
 iterations run inside ``lax.scan`` (:func:`adam_on_smoothed`, shared with :mod:`jaxreg.stages.fine`);
-:func:`refine` reports the loss at the first and the last of them.
+:func:`refine` reports the loss at the first and the last of them. With ``symmetric`` it also
+refines the backward field and averages the forward field with the backward one's inverse.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import optax
 
 from ..config import RefineConfig
 from ..ops.filters import avg_pool, box_filter
+from ..ops.invert import invert_on_grid
 from ..ops.native.dispatch import by_platform, on_cpu
 from ..ops.native.kernels import box_adam
 from ..ops.warp import resize
@@ -124,15 +126,27 @@ def with_intensity_channel(features: jnp.ndarray, image: jnp.ndarray, config: Re
 
 def refine(fixed_cells: jnp.ndarray, moving_cells: jnp.ndarray, init_disp: jnp.ndarray, config: RefineConfig):
     """Refine `init_disp` (3, X, Y, Z, full-resolution voxels). Returns (disp full-res, the loss
-    at the first and the last Adam step).
+    at the first and the last Adam step of the forward field).
 
     `fixed_cells`, `moving_cells`: (C, x, y, z) features average-pooled by ``config.grid_spacing``.
+    With ``config.symmetric`` the backward field is refined too, from the inverse of the start, and
+    the result is the mean of the forward field and the backward field's inverse (on the cell grid).
     """
     full_shape = init_disp.shape[1:]
     spacing = config.grid_spacing
     fixed_cells = jnp.moveaxis(fixed_cells, 0, -1)
     moving_cells = jnp.moveaxis(moving_cells, 0, -1)
-    cell_shape = fixed_cells.shape[:3]
+    start = resize(init_disp, fixed_cells.shape[:3]) / spacing
+    disp, losses = _refine_cells(fixed_cells, moving_cells, start, config)
+    if config.symmetric:
+        backward, _ = _refine_cells(moving_cells, fixed_cells, invert_on_grid(start), config)
+        disp = 0.5 * (disp + invert_on_grid(backward))
+    return resize(disp * spacing, full_shape), losses[jnp.array([0, -1])]
+
+
+def _refine_cells(fixed_cells, moving_cells, start, config: RefineConfig):
+    """The Adam steps on the cell grid: (the smoothed displacement in cells, the loss at each step).
+    `fixed_cells`, `moving_cells` channels-last."""
 
     def loss_of_smoothed(disp):
         loss = warped_ssd(disp, moving_cells, fixed_cells) + config.diffusion_weight * diffusion_penalty(disp)
@@ -140,8 +154,6 @@ def refine(fixed_cells: jnp.ndarray, moving_cells: jnp.ndarray, init_disp: jnp.n
             loss = loss + config.fold_weight * fold_penalty(disp, config.fold_margin)
         return loss
 
-    start = resize(init_disp, cell_shape) / spacing
     params, losses = adam_on_smoothed(loss_of_smoothed, start, config.smoothing_passes, config.learning_rate,
                                       config.iterations)
-    disp = smooth_grid(params, config.smoothing_passes) * spacing
-    return resize(disp, full_shape), losses[jnp.array([0, -1])]
+    return smooth_grid(params, config.smoothing_passes), losses
