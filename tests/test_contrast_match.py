@@ -158,8 +158,11 @@ def test_matching_recovers_a_known_deformation_across_contrasts_better_than_mind
         return float(np.linalg.norm(disp - truth, axis=0)[mask].mean())
 
     # the intensity alone keys the map here: the phantom's blobs have none of the partial volumes that
-    # the local-mean key (match_context) is for, and on a 40-voxel phantom that key only adds entries
-    lumir = load_config("lumir", [*SHORT, "contrast.match_context=1"])
+    # the local-mean key (match_context) is for, and on a 40-voxel phantom that key only adds entries.
+    # One-way feature level: on this smooth phantom the symmetric one brings MIND-SSC alone as close
+    # (0.60 against 0.74) as the intensity terms, which then have nothing to add; on a real FLAIR-like
+    # pair they add Dice with it too (tests/test_benchmark_pair.py)
+    lumir = load_config("lumir", [*SHORT, "contrast.match_context=1", "refine.symmetric=false"])
     flair = remap_contrast(moving)
     matched = register(fixed, flair, config=lumir)
     assert matched.summary.intensity_terms_matched and matched.summary.contrast_match_gain >= 0.1
