@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -22,14 +20,11 @@ from jax.sharding import SingleDeviceSharding
 
 from .config import RegistrationConfig
 from .pipeline import Outputs, batched_program, batched_report_program, program, report_program
-from .xla_options import compile_jitted
+from .xla_options import compile_jitted, compile_once
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE = Path("~/.cache/jaxreg/xla")
-
-_executables: dict = {}
-_compile_lock = threading.Lock()
 
 
 class CompiledProgram(NamedTuple):
@@ -45,18 +40,6 @@ class CompiledProgram(NamedTuple):
         return Outputs(*field, *self.report(fixed, moving, field.disp, *init))
 
 
-def _compile(key, build):
-    """``build()`` once per `key` per process (ahead of time, so compilation is timed apart).
-    Returns (executable, compile_seconds; 0.0 when cached)."""
-    with _compile_lock:  # batch threads asking at once compile once
-        if key in _executables:
-            return _executables[key], 0.0
-        start = time.perf_counter()
-        executable = build()
-        _executables[key] = executable
-        return executable, time.perf_counter() - start
-
-
 def compiled_program(config: RegistrationConfig, shape: tuple[int, int, int], with_init: bool, device=None):
     """The compiled program for this config and grid (on `device`, default: JAX's default device).
     Returns (:class:`CompiledProgram`, compile_seconds)."""
@@ -65,7 +48,7 @@ def compiled_program(config: RegistrationConfig, shape: tuple[int, int, int], wi
     field = jax.ShapeDtypeStruct((3,) + tuple(shape), jnp.float32, sharding=sharding)
     init = field if with_init else None
     key = (config, tuple(shape), with_init, None if device is None else device.id)
-    return _compile(key, lambda: CompiledProgram(compile_jitted(program, image, image, init, config=config),
+    return compile_once(key, lambda: CompiledProgram(compile_jitted(program, image, image, init, config=config),
                                                  compile_jitted(report_program, image, image, field, init)))
 
 
@@ -75,7 +58,7 @@ def compiled_batched_program(config: RegistrationConfig, shape: tuple[int, int, 
     multiplies the memory. Returns (:class:`CompiledProgram` without a starting field, compile_seconds)."""
     stack = jax.ShapeDtypeStruct((pairs,) + tuple(shape), jnp.float32)
     fields = jax.ShapeDtypeStruct((pairs, 3) + tuple(shape), jnp.float32)
-    return _compile((config, tuple(shape), "batched", pairs),
+    return compile_once((config, tuple(shape), "batched", pairs),
                     lambda: CompiledProgram(compile_jitted(batched_program, stack, stack, config=config),
                                             compile_jitted(batched_report_program, stack, stack, fields)))
 

@@ -2,7 +2,7 @@
 
 :func:`compile_jitted` is how every jaxreg program is compiled: the registration programs
 (:mod:`jaxreg.compilation`), the pieces ``jaxreg benchmark`` times and the field inversion
-(:mod:`jaxreg.ops.invert`).
+(:mod:`jaxreg.ops.invert`); :func:`compile_once` keeps what they compile for the rest of the process.
 """
 
 from __future__ import annotations
@@ -10,12 +10,17 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import SingleDeviceSharding
 
 log = logging.getLogger(__name__)
+
+_executables: dict = {}
+_compile_lock = threading.Lock()
 
 # XLA options of jaxreg's CPU programs. jaxlib 0.10's default YNNPACK fusions make a reduction over
 # a leading axis (e.g. a sum over channels) 50-70x slower; the empty fusion type turns them off.
@@ -62,3 +67,15 @@ def compile_jitted(jitted, *args, **kwargs):
     apart (``jaxreg benchmark``), should be compiled. Returns the compiled executable."""
     options = compiler_options(_platform(args, kwargs))
     return jitted.lower(*args, **kwargs).compile(compiler_options=options)
+
+
+def compile_once(key, build):
+    """``build()`` once per `key` per process (ahead of time, so compilation is timed apart; batch
+    threads asking at once compile once). Returns (executable, compile_seconds; 0.0 when kept)."""
+    with _compile_lock:
+        if key in _executables:
+            return _executables[key], 0.0
+        start = time.perf_counter()
+        executable = build()
+        _executables[key] = executable
+        return executable, time.perf_counter() - start

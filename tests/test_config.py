@@ -58,13 +58,13 @@ def test_convexadam_settings_come_from_the_convexadam_lumir_preset():
 
 
 def test_configs_that_differ_only_by_name_share_one_compiled_program():
-    from jaxreg import compilation
+    from jaxreg import compilation, xla_options
 
     config = load_config("convexadam-lumir", ["refine.iterations=30"])  # the program the other tests compile
     renamed = replace(config, name="another name")
     assert renamed == config and hash(renamed) == hash(config)
     first, _ = compilation.compiled_program(config, SHAPE, False)
-    count = len(compilation._executables)
+    count = len(xla_options._executables)
     second, seconds = compilation.compiled_program(renamed, SHAPE, False)
-    assert second is first and seconds == 0.0 and len(compilation._executables) == count
+    assert second is first and seconds == 0.0 and len(xla_options._executables) == count
     assert load_config("fast") != load_config("convexadam-lumir")  # the settings still count

@@ -6,7 +6,7 @@ import pytest
 from scipy import ndimage
 
 import jaxreg  # noqa: F401
-from jaxreg import compilation, registration as pipeline
+from jaxreg import registration as pipeline, xla_options
 from jaxreg.config import load_config
 from jaxreg.errors import ConfigError, InputError
 
@@ -39,10 +39,10 @@ def test_registration_reduces_misalignment_and_moved_matches_scipy():
 
 def test_same_shape_pairs_reuse_one_compiled_program():
     pipeline.register(FIXED, FIXED, config=CONFIG)
-    count = len(compilation._executables)
+    count = len(xla_options._executables)
     result = pipeline.register(brain(seed=5), FIXED, config=CONFIG)
     assert result.summary.compile_seconds == 0.0
-    assert len(compilation._executables) == count
+    assert len(xla_options._executables) == count
 
 
 def test_written_field_applied_with_scipy_reproduces_written_moved_image(tmp_path):

@@ -142,6 +142,6 @@ def test_the_option_reaches_the_compiled_programs(monkeypatch):
     from jaxreg.config import load_config
     executable, _ = compilation.compiled_program(load_config("fast"), (16, 20, 12), False)
     assert "__ynn_fusion" not in executable.field.as_text()
-    from jaxreg.ops import invert  # nor has the inversion's grid round (a sum over the 3 components)
+    from jaxreg.ops import invert  # nor have the inversion's grid rounds (a sum over the 3 components)
     field = jnp.zeros((3, 16, 20, 12), jnp.float32)
-    assert "__ynn_fusion" not in invert._compiled(invert._grid_round, field, field, field).as_text()
+    assert "__ynn_fusion" not in invert._compiled(invert._grid_rounds_jit, field, field).as_text()

@@ -30,7 +30,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..errors import InputError
-from ..xla_options import compile_jitted
+from ..xla_options import compile_jitted, compile_once
 from .warp import warp_field
 
 log = logging.getLogger(__name__)
@@ -70,15 +70,12 @@ def _residual(u: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
 
 
 _residual_jit = jax.jit(_residual)
-_executables: dict = {}
 
 
 def _compiled(jitted, *args):
     """`jitted` compiled with jaxreg's XLA options for these arguments' shapes, once per process."""
-    key = (jitted, tuple((a.shape, a.dtype) for a in args))
-    if key not in _executables:
-        _executables[key] = compile_jitted(jitted, *args)
-    return _executables[key]
+    key = ("invert", jitted, tuple((a.shape, a.dtype) for a in args))
+    return compile_once(key, lambda: compile_jitted(jitted, *args))[0]
 
 
 def _keep_better(u, state, candidate):
@@ -94,11 +91,17 @@ def invert_on_grid(u: jnp.ndarray, rounds: int = GRID_ROUNDS) -> jnp.ndarray:
     """The whole-grid rounds of :func:`invert` alone, as JAX code for use inside a program: the
     inverse of `u` (3, X, Y, Z) on its own grid, exact where the rounds converge (most voxels of a
     smooth field)."""
-    v = -u
-    return jax.lax.fori_loop(0, rounds, lambda _, vr: _grid_round(u, *vr), (v, _residual(u, v)))[0]
+    return _grid_rounds(u, -u, rounds)[0]
 
 
-@jax.jit
+def _grid_rounds(u: jnp.ndarray, v: jnp.ndarray, rounds: int = GRID_ROUNDS):
+    """(v, its residual) after `rounds` whole-grid rounds from the start `v`."""
+    return jax.lax.fori_loop(0, rounds, lambda _, vr: _grid_round(u, *vr), (v, _residual(u, v)))
+
+
+_grid_rounds_jit = jax.jit(_grid_rounds)
+
+
 def _grid_round(u: jnp.ndarray, v: jnp.ndarray, r: jnp.ndarray):
     state = (v, r, jnp.sum(r * r, axis=0))
     newton = jnp.stack([r[i] + sum(jnp.gradient(v[i], axis=j) * r[j] for j in range(3)) for i in range(3)])
@@ -172,12 +175,9 @@ def invert(disp, *, shape=None, tolerance: float = TOLERANCE) -> Inverse:
     shape = tuple(u.shape[1:]) if shape is None else tuple(int(n) for n in shape)
     u_device = jnp.asarray(u)
     v = -u_device if shape == tuple(u.shape[1:]) else jnp.zeros((3,) + shape, jnp.float32)
-    r = _compiled(_residual_jit, u_device, v)(u_device, v)
-    grid_round = _compiled(_grid_round, u_device, v, r)
-    for number in range(GRID_ROUNDS):
-        v, r = grid_round(u_device, v, r)
-        log.debug("inverse, grid round %d: largest residual %.4f voxels", number + 1,
-                  float(jnp.max(jnp.linalg.norm(r, axis=0))))
+    v, r = _compiled(_grid_rounds_jit, u_device, v)(u_device, v)
+    log.debug("inverse, %d grid rounds: largest residual %.4f voxels", GRID_ROUNDS,
+              float(jnp.max(jnp.linalg.norm(r, axis=0))))
     phase = _VoxelPhase(u, np.array(v), np.array(r))
     phase.run(VOXEL_ROUNDS, tolerance)
     return Inverse(disp=phase.v, residual=np.linalg.norm(phase.r, axis=0))
