@@ -251,6 +251,16 @@ class UnfoldConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SymmetricConfig:
+    """The whole registration both ways (``enabled``): the program registers moving to fixed as well,
+    takes the mean of the forward field and the backward field's inverse, so that neither image is
+    the reference, repairs its folds, and refits it to the fixed image with the full-resolution level
+    (``[fine]``) and the fold repair (``[unfold]``). About twice the time of the one-way program."""
+
+    enabled: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
 class RegistrationConfig:
     """Everything that defines one registration program. ``name`` is informative only: it is left
     out of equality and hashing, so it never splits the compile cache."""
@@ -263,6 +273,14 @@ class RegistrationConfig:
     refine: RefineConfig = field(default_factory=RefineConfig)
     fine: FineConfig = field(default_factory=FineConfig)
     unfold: UnfoldConfig = field(default_factory=UnfoldConfig)
+    symmetric: SymmetricConfig = field(default_factory=SymmetricConfig)
+
+    def __post_init__(self):
+        if self.symmetric.enabled:
+            _check(not self.affine.enabled, "symmetric.enabled needs affine.enabled = false: the two "
+                   "directions are averaged on the voxel grid (align the images first, e.g. jaxreg prepare)")
+            _check(self.fine.enabled and self.fine.iterations > 0, "symmetric.enabled needs the full-resolution "
+                   "level (fine.enabled = true, fine.iterations > 0), which refits the averaged field")
 
     @property
     def uses_intensity_terms(self) -> bool:
@@ -272,7 +290,7 @@ class RegistrationConfig:
 
 
 STAGES = {"affine": AffineConfig, "features": FeatureConfig, "coarse": CoarseConfig, "contrast": ContrastConfig,
-          "refine": RefineConfig, "fine": FineConfig, "unfold": UnfoldConfig}
+          "refine": RefineConfig, "fine": FineConfig, "unfold": UnfoldConfig, "symmetric": SymmetricConfig}
 RENAMED = {"refine.intensity_min_ncc": "contrast.min_ncc"}  # old key -> new key, named in the error
 DEFAULT_PRESET = "lumir"
 
@@ -323,6 +341,7 @@ def config_from_dict(data: dict, name: str = "custom", base: RegistrationConfig 
     """
     config = base or RegistrationConfig()
     name = str(data.get("name", name))
+    sections = {}
     for stage, values in data.items():
         if stage == "name":
             continue
@@ -340,8 +359,9 @@ def config_from_dict(data: dict, name: str = "custom", base: RegistrationConfig 
             if key not in valid:
                 raise ConfigError(f"unknown key '{stage}.{key}': must be one of {', '.join(valid)}")
         coerced = {k: _coerce(stage, k, v, valid[k]) for k, v in values.items()}
-        config = replace(config, **{stage: replace(getattr(config, stage), **coerced)})
-    return replace(config, name=name)
+        sections[stage] = replace(getattr(config, stage), **coerced)
+    # all sections at once: the checks across sections see the whole new config
+    return replace(config, name=name, **sections)
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

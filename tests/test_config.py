@@ -68,3 +68,20 @@ def test_configs_that_differ_only_by_name_share_one_compiled_program():
     second, seconds = compilation.compiled_program(renamed, SHAPE, False)
     assert second is first and seconds == 0.0 and len(xla_options._executables) == count
     assert load_config("fast") != load_config("convexadam-lumir")  # the settings still count
+
+
+@pytest.mark.parametrize("override, message", [
+    ("affine.enabled=true", "symmetric.enabled needs affine.enabled = false"),
+    ("fine.enabled=false", "symmetric.enabled needs the full-resolution level"),
+])
+def test_symmetric_program_refuses_what_it_cannot_average_or_refit(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("lumir-symmetric", [override])
+    assert load_config("lumir", [override])  # the one-way preset takes it
+
+
+def test_sections_are_checked_together_whatever_their_order():
+    """A TOML may list [symmetric] before [fine]: the checks across sections see the finished config."""
+    from jaxreg.config import config_from_dict
+    config = config_from_dict({"symmetric": {"enabled": True}, "fine": {"enabled": True, "iterations": 5}})
+    assert config.symmetric.enabled and config.fine.iterations == 5
