@@ -3,7 +3,8 @@
 Data flow: normalise -> (affine) -> MIND-SSC features -> coarse discrete search -> (contrast guard,
 which may map the moving image into the fixed contrast for the intensity terms) -> Adam refinement on
 the features -> (full-resolution intensity level) -> (compose with the affine) -> (fold repair) ->
-outputs. The field is ONE voxel displacement on the fixed grid (LUMIR
+outputs; with ``symmetric.enabled``, the same stages backward, the mean of both fields and a refit by
+the full-resolution level. The field is ONE voxel displacement on the fixed grid (LUMIR
 convention ``moved(x) = moving(x + disp(x))``, channel c along array axis c).
 
 :func:`stages` builds the tuple from a config, leaving out the stages it turns off; each stage is a
@@ -24,6 +25,7 @@ import numpy as np
 
 from .config import RegistrationConfig
 from .ops.intensity import ncc, normalise
+from .ops.invert import invert_on_grid
 from .ops.warp import affine_coordinates, compose_affine, resize, sample, warp, warp_field
 from .stages.affine import affine_search
 from .stages.coarse import coarse_search
@@ -63,6 +65,8 @@ class State(NamedTuple):
     moving_intensity: jnp.ndarray | None
     unfold_rounds: jnp.ndarray
     folding_voxels: jnp.ndarray
+    init_disp: jnp.ndarray | None = None  # the starting field given to the program, if any
+    backward: jnp.ndarray | None = None  # symmetric programs: the field from moving to fixed (moving grid)
 
 
 class Field(NamedTuple):
@@ -172,9 +176,40 @@ def _unfold_stage(state: State, *, config: RegistrationConfig) -> State:
     return state._replace(disp=disp, unfold_rounds=rounds, folding_voxels=voxels)
 
 
+def _backward_stage(state: State, *, config: RegistrationConfig, with_init: bool) -> State:
+    # the one-way program with the images swapped, from the inverse of the starting field if any
+    init = invert_on_grid(state.init_disp) if with_init else None
+    backward = start(state.moving_n, state.fixed_n, init)
+    for stage in _one_way_stages(config, with_init=with_init):
+        backward = stage.apply(backward)
+    return state._replace(backward=backward.disp)
+
+
+def _average_stage(state: State, *, config: RegistrationConfig) -> State:
+    disp, _, _ = unfold(0.5 * (state.disp + invert_on_grid(state.backward)), config.unfold)
+    return state._replace(disp=disp, backward=None)
+
+
 def stages(config: RegistrationConfig, *, with_init: bool = False) -> tuple[Stage, ...]:
     """The program for `config` as an ordered tuple of stages, those it turns off left out.
-    `with_init`: the program starts from a given field (the coarse search then looks for the rest)."""
+    `with_init`: the program starts from a given field (the coarse search then looks for the rest).
+
+    With ``symmetric.enabled`` the one-way stages are followed by the same stages backward, the mean
+    of both fields, and a refit by the full-resolution level and the fold repair."""
+    one_way = _one_way_stages(config, with_init=with_init)
+    if not config.symmetric.enabled:
+        return one_way
+    bind = functools.partial
+    return one_way + (
+        Stage("backward", bind(_backward_stage, config=config, with_init=with_init),
+              "the stages above, moving to fixed"),
+        Stage("average", bind(_average_stage, config=config), "mean with the backward field's inverse, fold repair"),
+        Stage("refit", bind(_fine_stage, config=config), f"full-resolution level again, {config.fine.iterations} Adam steps"),
+        Stage("refit-unfold", bind(_unfold_stage, config=config), "fold repair of the refitted field"),
+    )
+
+
+def _one_way_stages(config: RegistrationConfig, *, with_init: bool) -> tuple[Stage, ...]:
     bind = functools.partial
     refine_on = config.refine.enabled and config.refine.iterations > 0
     chosen = [
@@ -203,7 +238,7 @@ def start(fixed: jnp.ndarray, moving: jnp.ndarray, init_disp: jnp.ndarray | None
                  fixed_features=None, moving_features=None, losses=jnp.zeros((0,), jnp.float32),
                  contrast_ncc=jnp.float32(jnp.nan), contrast_gain=jnp.float32(jnp.nan),
                  use_intensity=jnp.bool_(True), matched=jnp.bool_(False), moving_intensity=None,
-                 unfold_rounds=jnp.int32(0), folding_voxels=jnp.int32(0))
+                 unfold_rounds=jnp.int32(0), folding_voxels=jnp.int32(0), init_disp=init_disp)
 
 
 def finish(state: State) -> Field:
