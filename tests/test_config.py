@@ -85,3 +85,8 @@ def test_sections_are_checked_together_whatever_their_order():
     from jaxreg.config import config_from_dict
     config = config_from_dict({"symmetric": {"enabled": True}, "fine": {"enabled": True, "iterations": 5}})
     assert config.symmetric.enabled and config.fine.iterations == 5
+
+
+def test_lumir_symmetric_is_lumir_both_ways_and_nothing_else():
+    """The preset file repeats lumir's values: any change to lumir must reach it too."""
+    assert load_config("lumir-symmetric") == load_config("lumir", ["refine.symmetric=false", "symmetric.enabled=true"])
