@@ -94,6 +94,13 @@ def invert_on_grid(u: jnp.ndarray, rounds: int = GRID_ROUNDS) -> jnp.ndarray:
     return _grid_rounds(u, -u, rounds)[0]
 
 
+def mean_with_inverse(forward: jnp.ndarray, backward: jnp.ndarray) -> jnp.ndarray:
+    """The symmetric field of a forward field and the backward field of the same pair (each on its own
+    fixed grid, both grids alike): the mean of `forward` and the inverse of `backward`
+    (:func:`invert_on_grid`), so that neither image is the reference."""
+    return 0.5 * (forward + invert_on_grid(backward))
+
+
 def _grid_rounds(u: jnp.ndarray, v: jnp.ndarray, rounds: int = GRID_ROUNDS):
     """(v, its residual) after `rounds` whole-grid rounds from the start `v`."""
     return jax.lax.fori_loop(0, rounds, lambda _, vr: _grid_round(u, *vr), (v, _residual(u, v)))

@@ -21,7 +21,7 @@ import optax
 
 from ..config import RefineConfig
 from ..ops.filters import avg_pool, box_filter
-from ..ops.invert import invert_on_grid
+from ..ops.invert import invert_on_grid, mean_with_inverse
 from ..ops.native.dispatch import by_platform, on_cpu
 from ..ops.native.kernels import box_adam
 from ..ops.warp import resize
@@ -140,7 +140,7 @@ def refine(fixed_cells: jnp.ndarray, moving_cells: jnp.ndarray, init_disp: jnp.n
     disp, losses = _refine_cells(fixed_cells, moving_cells, start, config)
     if config.symmetric:
         backward, _ = _refine_cells(moving_cells, fixed_cells, invert_on_grid(start), config)
-        disp = 0.5 * (disp + invert_on_grid(backward))
+        disp = mean_with_inverse(disp, backward)
     return resize(disp * spacing, full_shape), losses[jnp.array([0, -1])]
 
 
