@@ -25,7 +25,7 @@ import numpy as np
 
 from .config import RegistrationConfig
 from .ops.intensity import ncc, normalise
-from .ops.invert import invert_on_grid
+from .ops.invert import invert_on_grid, mean_with_inverse
 from .ops.warp import affine_coordinates, compose_affine, resize, sample, warp, warp_field
 from .stages.affine import affine_search
 from .stages.coarse import coarse_search
@@ -177,16 +177,18 @@ def _unfold_stage(state: State, *, config: RegistrationConfig) -> State:
 
 
 def _backward_stage(state: State, *, config: RegistrationConfig, with_init: bool) -> State:
-    # the one-way program with the images swapped, from the inverse of the starting field if any
+    # the one-way program with the images swapped, from the inverse of the starting field if any; the
+    # MIND-SSC features are the forward ones swapped (no affine stage: moving_aligned is moving_n)
     init = invert_on_grid(state.init_disp) if with_init else None
-    backward = start(state.moving_n, state.fixed_n, init)
-    for stage in _one_way_stages(config, with_init=with_init):
+    backward = start(state.moving_n, state.fixed_n, init)._replace(
+        fixed_features=state.moving_features, moving_features=state.fixed_features)
+    for stage in _one_way_stages(config, with_init=with_init, features_known=True):
         backward = stage.apply(backward)
     return state._replace(backward=backward.disp)
 
 
 def _average_stage(state: State, *, config: RegistrationConfig) -> State:
-    disp, _, _ = unfold(0.5 * (state.disp + invert_on_grid(state.backward)), config.unfold)
+    disp, _, _ = unfold(mean_with_inverse(state.disp, state.backward), config.unfold)
     return state._replace(disp=disp, backward=None)
 
 
@@ -209,12 +211,13 @@ def stages(config: RegistrationConfig, *, with_init: bool = False) -> tuple[Stag
     )
 
 
-def _one_way_stages(config: RegistrationConfig, *, with_init: bool) -> tuple[Stage, ...]:
+def _one_way_stages(config: RegistrationConfig, *, with_init: bool, features_known: bool = False) -> tuple[Stage, ...]:
+    """The stages of one direction; `features_known`: the state holds the MIND-SSC features already."""
     bind = functools.partial
     refine_on = config.refine.enabled and config.refine.iterations > 0
     chosen = [
         (config.affine.enabled, Stage("affine", bind(_affine_stage, config=config), "12-DOF affine search")),
-        (config.coarse.enabled or refine_on,
+        ((config.coarse.enabled or refine_on) and not features_known,
          Stage("features", bind(_features_stage, config=config), "MIND-SSC of both images, pooled")),
         (config.coarse.enabled,
          Stage("coarse", bind(_coarse_stage, config=config, with_init=with_init), "discrete search + upsample")),
