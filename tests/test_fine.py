@@ -214,7 +214,10 @@ def test_symmetric_program_is_the_mean_of_both_directions_refitted():
     disp = np.asarray(pipeline.program(fixed, moving, None, config=config).disp)
     assert [s.name for s in pipeline.stages(config)][-4:] == ["backward", "average", "refit", "refit-unfold"]
     difference = np.linalg.norm(disp - expected, axis=0)
-    assert difference.mean() < 1e-3 and difference.max() < 0.05, (difference.mean(), difference.max())
+    # One program against four: XLA fuses them differently, and the full-resolution level's Adam steps
+    # amplify the float rounding (mean 0.0006 voxel with the C++ kernels, 0.005 on the pure JAX path);
+    # a wrong mean, 0.5 * (u - v) refitted, lands 0.06 away (99th percentile 0.2)
+    assert difference.mean() < 0.015 and np.percentile(difference, 99) < 0.1, (difference.mean(), difference.max())
     # and the averaging changed the field: the one-way program's result is not it
     assert np.linalg.norm(disp - np.asarray(forward), axis=0).mean() > 0.01
 
