@@ -40,6 +40,13 @@ class CompiledProgram(NamedTuple):
         return Outputs(*field, *self.report(fixed, moving, field.disp, *init))
 
 
+def device_name(device=None) -> str:
+    """`platform:id` of a JAX device (default: JAX's default device), as logs and reports name it:
+    the same in every JAX release (``str(device)`` is ``TFRT_CPU_0`` in jax 0.6, ``cpu:0`` in later ones)."""
+    device = jax.devices()[0] if device is None else device
+    return f"{device.platform}:{device.id}"
+
+
 def compiled_program(config: RegistrationConfig, shape: tuple[int, int, int], with_init: bool, device=None):
     """The compiled program for this config and grid (on `device`, default: JAX's default device).
     Returns (:class:`CompiledProgram`, compile_seconds)."""

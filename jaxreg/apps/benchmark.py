@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import pipeline
-from ..compilation import compiled_batched_program, compiled_program
+from ..compilation import compiled_batched_program, compiled_program, device_name
 from ..xla_options import compile_jitted
 from ..config import RegistrationConfig
 from ..io import load_volume
@@ -185,7 +185,7 @@ def run_benchmark(fixed_path, moving_path, config: RegistrationConfig, *, repeat
             rows.append(_run_pieces(pieces, fixed, moving))
         progress(f"run {i + 1}/{repeats}: {totals[-1]:.1f} s" + (f", stages {sum(rows[-1]):.1f} s" if rows else ""))
     report = BenchmarkReport(shape=fixed.shape, preset=config.name, compile_seconds=compile_seconds,
-                             total_seconds=totals, peak_memory_gb=peak_gb, device=str(jax.devices()[0]),
+                             total_seconds=totals, peak_memory_gb=peak_gb, device=device_name(),
                              device_peak_gb=device_peak_gb)
     if not pieces:
         return report

@@ -33,6 +33,7 @@ from typing import Protocol
 import jax
 
 from ..errors import ConfigError, InputError, one_line
+from ..compilation import device_name
 from .runner import PairOutcome, PairTask, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class LocalExecutor:
             raise ConfigError(f"threads_per_device must be >= 1, got {threads_per_device}")
         self._slots = [d for d in self._devices for _ in range(threads_per_device)]
         self.workers = len(self._slots)
-        self.devices = tuple(str(d) for d in self._devices)
+        self.devices = tuple(device_name(d) for d in self._devices)
         self.name = f"{len(self._devices)} device(s)"
 
     def run(self, tasks: Sequence[PairTask], finish: Finish) -> None:

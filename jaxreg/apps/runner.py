@@ -46,6 +46,7 @@ from ..evaluation.config import EvalPair, EvaluationConfig
 from ..evaluation.evaluate import evaluate_fields
 from ..evaluation.report import PairResult
 from ..io import load_volume, save_field
+from ..compilation import device_name
 from ..registration import Summary, check_pair, run_program
 from ..transforms import load_as_lumir
 from .invert import InverseReport, write_inverse
@@ -219,12 +220,12 @@ def run_pair(job: PairJob, config: RegistrationConfig, *, guard: bool, device=No
     take the preset's intensity terms away (:func:`contrast_plan`)."""
     start = time.perf_counter()
     pair = job.pair
-    device_name = str(device if device is not None else jax.devices()[0])
+    device_label = device_name(device)
     inverse_info: dict = {}
     try:
         if job.invert_only:
             inverse_info = _invert(job.output, job.inverse, fixed=pair.fixed, moving=pair.moving, device=device)
-            return PairOutcome(pair, "skipped", wall_seconds=time.perf_counter() - start, device=device_name,
+            return PairOutcome(pair, "skipped", wall_seconds=time.perf_counter() - start, device=device_label,
                                inverse=inverse_info)
         fixed, vox2world = load_volume(pair.fixed, "fixed image")
         moving, moving_vox2world = load_volume(pair.moving, "moving image")
@@ -246,16 +247,16 @@ def run_pair(job: PairJob, config: RegistrationConfig, *, guard: bool, device=No
             inverse_info = _invert(disp, job.inverse, fixed=fixed, moving=moving, vox2world=moving_vox2world,
                                    device=device)
     except JaxregError as err:
-        return PairOutcome(pair, "failed", error=str(err), wall_seconds=time.perf_counter() - start, device=device_name)
+        return PairOutcome(pair, "failed", error=str(err), wall_seconds=time.perf_counter() - start, device=device_label)
     except Exception as err:  # one bad pair (memory, XLA) must not stop the others
         log.debug("pair %s failed", pair.label, exc_info=True)
         return PairOutcome(pair, "failed", error=f"{type(err).__name__}: {one_line(err)}",
-                           wall_seconds=time.perf_counter() - start, device=device_name)
+                           wall_seconds=time.perf_counter() - start, device=device_label)
     summary = result.summary
     contrast = contrast_record(pair, config, summary)
     log.info("%s: %s (%s)", pair.label, contrast["contrast_path"], contrast["contrast_reason"])
     return PairOutcome(pair, "ok", seconds=summary.seconds, compile_seconds=summary.compile_seconds,
-                       wall_seconds=time.perf_counter() - start, device=device_name, guard=guard_info,
+                       wall_seconds=time.perf_counter() - start, device=device_label, guard=guard_info,
                        contrast=contrast, inverse=inverse_info)
 
 
