@@ -28,7 +28,7 @@ from .ops.intensity import ncc, normalise
 from .ops.invert import invert_on_grid, mean_with_inverse
 from .ops.warp import affine_coordinates, compose_affine, resize, sample, warp, warp_field
 from .stages.affine import affine_search
-from .stages.coarse import coarse_search
+from .stages.coarse import coarse_search_both_ways
 from .stages.contrast import guards, judge_contrast
 from .stages.features import mind_ssc_pooled
 from .stages.fine import refine_fine
@@ -67,6 +67,7 @@ class State(NamedTuple):
     folding_voxels: jnp.ndarray
     init_disp: jnp.ndarray | None = None  # the starting field given to the program, if any
     backward: jnp.ndarray | None = None  # symmetric programs: the field from moving to fixed (moving grid)
+    coarse_backward: jnp.ndarray | None = None  # symmetric programs: the coarse search's backward field
 
 
 class Field(NamedTuple):
@@ -131,9 +132,12 @@ def _coarse_stage(state: State, *, config: RegistrationConfig, with_init: bool) 
         moving_features = _mind(warp(state.moving_aligned, state.disp), config, config.coarse.grid_spacing)
     else:
         moving_features = state.moving_features
-    step = resize(coarse_search(state.fixed_features, moving_features, config.coarse), state.fixed_n.shape)
+    step, backward = coarse_search_both_ways(state.fixed_features, moving_features, config.coarse)
+    step = resize(step, state.fixed_n.shape)
     # new field: first the coarse step, then the starting field: x -> x + s(x) + d(x + s(x))
     disp = step + warp_field(state.disp, step, "border") if with_init else step
+    if config.symmetric.enabled and not with_init:  # the backward run starts from the search's backward field
+        return state._replace(disp=disp, coarse_backward=resize(backward, state.moving_n.shape))
     return state._replace(disp=disp)
 
 
@@ -178,13 +182,17 @@ def _unfold_stage(state: State, *, config: RegistrationConfig) -> State:
 
 def _backward_stage(state: State, *, config: RegistrationConfig, with_init: bool) -> State:
     # the one-way program with the images swapped, from the inverse of the starting field if any; the
-    # MIND-SSC features are the forward ones swapped (no affine stage: moving_aligned is moving_n)
+    # MIND-SSC features are the forward ones swapped (no affine stage: moving_aligned is moving_n), and
+    # the coarse search's backward field is the swapped search's forward one: it is not searched again
     init = invert_on_grid(state.init_disp) if with_init else None
     backward = start(state.moving_n, state.fixed_n, init)._replace(
         fixed_features=state.moving_features, moving_features=state.fixed_features)
-    for stage in _one_way_stages(config, with_init=with_init, features_known=True):
+    coarse_known = state.coarse_backward is not None
+    if coarse_known:
+        backward = backward._replace(disp=state.coarse_backward)
+    for stage in _one_way_stages(config, with_init=with_init, features_known=True, coarse_known=coarse_known):
         backward = stage.apply(backward)
-    return state._replace(backward=backward.disp)
+    return state._replace(backward=backward.disp, coarse_backward=None)
 
 
 def _average_stage(state: State, *, config: RegistrationConfig) -> State:
@@ -211,15 +219,17 @@ def stages(config: RegistrationConfig, *, with_init: bool = False) -> tuple[Stag
     )
 
 
-def _one_way_stages(config: RegistrationConfig, *, with_init: bool, features_known: bool = False) -> tuple[Stage, ...]:
-    """The stages of one direction; `features_known`: the state holds the MIND-SSC features already."""
+def _one_way_stages(config: RegistrationConfig, *, with_init: bool, features_known: bool = False,
+                    coarse_known: bool = False) -> tuple[Stage, ...]:
+    """The stages of one direction; `features_known`: the state holds the MIND-SSC features already;
+    `coarse_known`: its field is the coarse search's already."""
     bind = functools.partial
     refine_on = config.refine.enabled and config.refine.iterations > 0
     chosen = [
         (config.affine.enabled, Stage("affine", bind(_affine_stage, config=config), "12-DOF affine search")),
         ((config.coarse.enabled or refine_on) and not features_known,
          Stage("features", bind(_features_stage, config=config), "MIND-SSC of both images, pooled")),
-        (config.coarse.enabled,
+        (config.coarse.enabled and not coarse_known,
          Stage("coarse", bind(_coarse_stage, config=config, with_init=with_init), "discrete search + upsample")),
         (guards(config), Stage("contrast", bind(_contrast_stage, config=config), "contrast guard")),
         (refine_on, Stage("refine", bind(_refine_stage, config=config),
