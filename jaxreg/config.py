@@ -125,7 +125,10 @@ class ContrastConfig:
     fixed contrast through that table; false drops them, leaving MIND-SSC alone. The table is keyed
     by the moved intensity (``match_bins`` entries over [0, 1]) and, for ``match_context`` > 1, by
     its local mean over a ``match_context``^3 box, which tells partial volumes from a tissue of the
-    same intensity (1: the intensity alone).
+    same intensity (1: the intensity alone). On such a mapped image the full-resolution level runs
+    ``fine_step_scale`` times ``fine.iterations`` Adam steps with ``fine_intensity_scale`` times
+    ``fine.intensity_weight`` (:attr:`RegistrationConfig.fine_when_mapped`): the mapped intensities are
+    a noisier match than a same-contrast image, so the local NCC should weigh more, and longer.
     """
 
     min_ncc: float = -1.0
@@ -134,6 +137,8 @@ class ContrastConfig:
     match_bins: int = 32
     match_context: int = 5
     assume: str = "auto"
+    fine_step_scale: float = 1.0
+    fine_intensity_scale: float = 1.0
 
     def __post_init__(self):
         _check(-1 <= self.min_ncc <= 1, f"contrast.min_ncc must be in [-1, 1], got {self.min_ncc}")
@@ -143,6 +148,9 @@ class ContrastConfig:
                f"contrast.match_context must be an odd box width >= 1, got {self.match_context}")
         _check(self.assume in ("auto", "different"),
                f"contrast.assume must be 'auto' (the guard judges) or 'different', got {self.assume!r}")
+        _check(self.fine_step_scale >= 0, f"contrast.fine_step_scale must be >= 0, got {self.fine_step_scale}")
+        _check(self.fine_intensity_scale >= 0,
+               f"contrast.fine_intensity_scale must be >= 0, got {self.fine_intensity_scale}")
 
     @property
     def judges(self) -> bool:
@@ -281,6 +289,16 @@ class RegistrationConfig:
                    "directions are averaged on the voxel grid (align the images first, e.g. jaxreg prepare)")
             _check(self.fine.enabled and self.fine.iterations > 0, "symmetric.enabled needs the full-resolution "
                    "level (fine.enabled = true, fine.iterations > 0), which refits the averaged field")
+        _check(self.fine.ncc_weight > 0 or self.contrast.fine_intensity_scale > 0 or not self.fine.enabled,
+               "contrast.fine_intensity_scale = 0 leaves the full-resolution level no similarity term on "
+               "cross-contrast pairs: set fine.ncc_weight > 0")
+
+    @property
+    def fine_when_mapped(self) -> FineConfig:
+        """The full-resolution level on a moving image mapped into the fixed contrast: ``fine`` with
+        the ``contrast.fine_*_scale`` factors applied (``fine`` itself when both are 1)."""
+        return replace(self.fine, iterations=round(self.fine.iterations * self.contrast.fine_step_scale),
+                       intensity_weight=self.fine.intensity_weight * self.contrast.fine_intensity_scale)
 
     @property
     def uses_intensity_terms(self) -> bool:

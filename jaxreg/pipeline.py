@@ -165,9 +165,13 @@ def _refine_stage(state: State, *, config: RegistrationConfig) -> State:
 
 
 def _fine_stage(state: State, *, config: RegistrationConfig) -> State:
-    disp = jax.lax.cond(state.use_intensity,
-                        lambda d: refine_fine(state.fixed_n, _intensity_moving(state), d, config.fine),
-                        lambda d: d, state.disp)
+    def level(fine_config):
+        return lambda d: refine_fine(state.fixed_n, _intensity_moving(state), d, fine_config)
+
+    fine = level(config.fine)
+    if guards(config) and config.fine_when_mapped != config.fine:  # other settings on a mapped moving image
+        fine = functools.partial(jax.lax.cond, state.matched, level(config.fine_when_mapped), fine)
+    disp = jax.lax.cond(state.use_intensity, fine, lambda d: d, state.disp)
     return state._replace(disp=disp)
 
 

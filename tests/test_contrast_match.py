@@ -128,14 +128,48 @@ def test_no_guard_without_a_threshold_or_a_rule():
 @pytest.mark.parametrize("setting, message", [("contrast.max_match_gain=0", "max_match_gain must be in"),
                                               ("contrast.match_bins=2", "match_bins must be >= 3"),
                                               ("contrast.match_context=4", "match_context must be an odd"),
-                                              ("contrast.assume=same", "contrast.assume must be")])
+                                              ("contrast.assume=same", "contrast.assume must be"),
+                                              ("contrast.fine_step_scale=-1", "fine_step_scale must be >= 0"),
+                                              ("contrast.fine_intensity_scale=-0.5", "fine_intensity_scale must be >= 0")])
 def test_bad_contrast_settings_are_refused(setting, message):
     from jaxreg.config import ConfigError, load_config
     with pytest.raises(ConfigError, match=message):
         load_config("lumir", [setting])
 
 
+def test_no_similarity_term_left_on_mapped_images_is_refused():
+    from jaxreg.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="fine_intensity_scale = 0 leaves"):
+        load_config("lumir", ["contrast.fine_intensity_scale=0", "fine.ncc_weight=0"])
+    assert load_config("lumir", ["contrast.fine_intensity_scale=0"]).fine_when_mapped.intensity_weight == 0
+
+
 SHORT = ["refine.iterations=20", "fine.iterations=10", "unfold.rounds=10"]
+
+
+def test_a_mapped_moving_image_gets_the_scaled_full_resolution_level_and_a_same_contrast_one_does_not():
+    """contrast.fine_*_scale act where the moving image is mapped into the fixed contrast, as if
+    fine.iterations and fine.intensity_weight had been scaled, and nowhere else."""
+    from synthetic import pull, smooth_field
+    from test_contrast import tissues
+    from jaxreg.config import load_config
+    from jaxreg.ops.contrast_remap import remap_contrast
+    from jaxreg.registration import register
+    moving = tissues(seed=3)
+    fixed = pull(moving, smooth_field(amplitude=4.0, seed=7, sigma=5.0))
+    flair = remap_contrast(moving)
+    base = [*SHORT, "contrast.match_context=1", "refine.symmetric=false",
+            "contrast.fine_step_scale=1", "contrast.fine_intensity_scale=1"]
+    scaled = load_config("lumir", [*base, "contrast.fine_step_scale=2", "contrast.fine_intensity_scale=0.5"])
+    assert scaled.fine_when_mapped.iterations == 20 and scaled.fine_when_mapped.intensity_weight == 3.0
+    by_hand = load_config("lumir", [*base, "fine.iterations=20", "fine.intensity_weight=3"])
+    mapped = register(fixed, flair, config=scaled)
+    assert mapped.summary.intensity_terms_matched
+    np.testing.assert_allclose(mapped.disp, register(fixed, flair, config=by_hand).disp, atol=1e-4)
+    assert np.abs(mapped.disp - register(fixed, flair, config=load_config("lumir", base)).disp).max() > 0.01
+    same = register(fixed, moving, config=scaled)
+    assert same.summary.intensity_terms_used and not same.summary.intensity_terms_matched
+    np.testing.assert_array_equal(same.disp, register(fixed, moving, config=load_config("lumir", base)).disp)
 
 
 @pytest.mark.slow
