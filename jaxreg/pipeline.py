@@ -218,9 +218,16 @@ def stages(config: RegistrationConfig, *, with_init: bool = False) -> tuple[Stag
         Stage("backward", bind(_backward_stage, config=config, with_init=with_init),
               "the stages above, moving to fixed"),
         Stage("average", bind(_average_stage, config=config), "mean with the backward field's inverse, fold repair"),
-        Stage("refit", bind(_fine_stage, config=config), f"full-resolution level again, {config.fine.iterations} Adam steps"),
+        Stage("refit", bind(_fine_stage, config=config), f"full-resolution level again, {_fine_steps(config)}"),
         Stage("refit-unfold", bind(_unfold_stage, config=config), "fold repair of the refitted field"),
     )
+
+
+def _fine_steps(config: RegistrationConfig) -> str:
+    steps = f"{config.fine.iterations} Adam steps"
+    if guards(config) and config.fine_when_mapped.iterations != config.fine.iterations:
+        steps += f" ({config.fine_when_mapped.iterations} on a moving image mapped into the fixed contrast)"
+    return steps
 
 
 def _one_way_stages(config: RegistrationConfig, *, with_init: bool, features_known: bool = False,
@@ -239,7 +246,7 @@ def _one_way_stages(config: RegistrationConfig, *, with_init: bool, features_kno
         (refine_on, Stage("refine", bind(_refine_stage, config=config),
                           f"feature level, {config.refine.iterations} Adam steps")),
         (config.fine.enabled and config.fine.iterations > 0,
-         Stage("fine", bind(_fine_stage, config=config), f"full-resolution level, {config.fine.iterations} Adam steps")),
+         Stage("fine", bind(_fine_stage, config=config), f"full-resolution level, {_fine_steps(config)}")),
         (config.affine.enabled, Stage("compose", _compose_stage, "field composed with the affine")),
         (config.unfold.rounds > 0, Stage("unfold", bind(_unfold_stage, config=config), "fold repair")),
     ]
