@@ -226,7 +226,7 @@ def stages(config: RegistrationConfig, *, with_init: bool = False) -> tuple[Stag
 def _fine_steps(config: RegistrationConfig) -> str:
     steps = f"{config.fine.iterations} Adam steps"
     if guards(config) and config.fine_when_mapped.iterations != config.fine.iterations:
-        steps += f" ({config.fine_when_mapped.iterations} on a moving image mapped into the fixed contrast)"
+        steps += f", {config.fine_when_mapped.iterations} on a moving image mapped into the fixed contrast"
     return steps
 
 

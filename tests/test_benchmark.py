@@ -47,7 +47,8 @@ def test_benchmark_times_the_full_resolution_level_and_the_fold_repair(tmp_path)
     voxels = fixed.shape[0] * fixed.shape[1] * fixed.shape[2]
     floor = 3 * fine_step_bytes(voxels, local_ncc=True) / (report.bandwidth_gbps * 1e9)
     assert abs(report.fine_floor_seconds - floor) < 1e-9
-    assert report.fine_seconds == report.stages["fine (full-resolution level, 3 Adam steps)"]
+    assert report.fine_seconds == report.stages[
+        "fine (full-resolution level, 3 Adam steps, 4 on a moving image mapped into the fixed contrast)"]
 
 
 def test_refine_step_bytes_counts_floats_per_cell():

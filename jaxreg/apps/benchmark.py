@@ -171,7 +171,7 @@ def run_benchmark(fixed_path, moving_path, config: RegistrationConfig, *, repeat
     check_pair(fixed, moving)
     progress("compiling the registration program")
     _, compile_seconds = compiled_program(config, fixed.shape, False)
-    run_program(config, fixed, moving, None)
+    matched = run_program(config, fixed, moving, None).summary.intensity_terms_matched
     peak_gb, device_peak_gb = peak_memory_gb(), device_peak_memory_gb()  # before any piece ran alone
     pieces = []
     if stages:
@@ -203,7 +203,8 @@ def run_benchmark(fixed_path, moving_path, config: RegistrationConfig, *, repeat
             refine_bytes = config.refine.iterations * refine_step_bytes(cells, channels)
             report.refine_floor_seconds = refine_bytes / (report.bandwidth_gbps * 1e9)
         if report.fine_seconds is not None:
-            fine_bytes = config.fine.iterations * fine_step_bytes(voxels, config.fine.ncc_weight > 0)
+            fine = config.fine_when_mapped if matched else config.fine  # the steps this pair got
+            fine_bytes = fine.iterations * fine_step_bytes(voxels, fine.ncc_weight > 0)
             report.fine_floor_seconds = fine_bytes / (report.bandwidth_gbps * 1e9)
     return report
 
