@@ -28,7 +28,7 @@ from .ops.intensity import ncc, normalise
 from .ops.invert import invert_on_grid, mean_with_inverse
 from .ops.warp import affine_coordinates, compose_affine, resize, sample, warp, warp_field
 from .stages.affine import affine_search
-from .stages.coarse import coarse_search_both_ways
+from .stages.coarse import coarse_search, coarse_search_both_ways
 from .stages.contrast import guards, judge_contrast
 from .stages.features import mind_ssc_pooled
 from .stages.fine import refine_fine
@@ -132,12 +132,13 @@ def _coarse_stage(state: State, *, config: RegistrationConfig, with_init: bool) 
         moving_features = _mind(warp(state.moving_aligned, state.disp), config, config.coarse.grid_spacing)
     else:
         moving_features = state.moving_features
-    step, backward = coarse_search_both_ways(state.fixed_features, moving_features, config.coarse)
-    step = resize(step, state.fixed_n.shape)
+    if config.symmetric.enabled and not with_init:  # the backward run starts from the search's backward field
+        step, backward = coarse_search_both_ways(state.fixed_features, moving_features, config.coarse)
+        return state._replace(disp=resize(step, state.fixed_n.shape),
+                              coarse_backward=resize(backward, state.moving_n.shape))
+    step = resize(coarse_search(state.fixed_features, moving_features, config.coarse), state.fixed_n.shape)
     # new field: first the coarse step, then the starting field: x -> x + s(x) + d(x + s(x))
     disp = step + warp_field(state.disp, step, "border") if with_init else step
-    if config.symmetric.enabled and not with_init:  # the backward run starts from the search's backward field
-        return state._replace(disp=disp, coarse_backward=resize(backward, state.moving_n.shape))
     return state._replace(disp=disp)
 
 

@@ -112,14 +112,18 @@ def coarse_search(fixed_cells: jnp.ndarray, moving_cells: jnp.ndarray, config: C
 
     `fixed_cells`, `moving_cells`: (C, x, y, z) features average-pooled by ``config.grid_spacing``.
     """
-    return coarse_search_both_ways(fixed_cells, moving_cells, config)[0]
+    if config.inverse_consistent:
+        return coarse_search_both_ways(fixed_cells, moving_cells, config)[0]
+    offsets = jnp.asarray(search_offsets(config.search_radius), jnp.float32)
+    return coupled_convex(cost_volume(fixed_cells, moving_cells, config.search_radius), offsets,
+                          config.coupling_weights) * config.grid_spacing
 
 
 def coarse_search_both_ways(fixed_cells: jnp.ndarray, moving_cells: jnp.ndarray,
                             config: CoarseConfig) -> tuple[jnp.ndarray, jnp.ndarray]:
     """The forward displacement of :func:`coarse_search` and the backward one (moving to fixed, on the
-    moving image's cells), in full-resolution voxels. The search makes both when it makes them inverse
-    consistent; inside a jitted program the backward one costs nothing more unless it is used."""
+    moving image's cells), in full-resolution voxels: the search makes both anyway when it makes them
+    inverse consistent, and a symmetric program needs both."""
     offsets = jnp.asarray(search_offsets(config.search_radius), jnp.float32)
     forward = coupled_convex(cost_volume(fixed_cells, moving_cells, config.search_radius), offsets,
                              config.coupling_weights)
