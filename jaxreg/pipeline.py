@@ -169,9 +169,9 @@ def _fine_stage(state: State, *, config: RegistrationConfig) -> State:
     def level(fine_config):
         return lambda d: refine_fine(state.fixed_n, _intensity_moving(state), d, fine_config)
 
-    fine = level(config.fine)
-    if guards(config) and config.fine_when_mapped != config.fine:  # other settings on a mapped moving image
-        fine = functools.partial(jax.lax.cond, state.matched, level(config.fine_when_mapped), fine)
+    fine, mapped = level(config.fine), _mapped_fine(config)
+    if mapped is not None:
+        fine = functools.partial(jax.lax.cond, state.matched, level(mapped), fine)
     disp = jax.lax.cond(state.use_intensity, fine, lambda d: d, state.disp)
     return state._replace(disp=disp)
 
@@ -224,10 +224,17 @@ def stages(config: RegistrationConfig, *, with_init: bool = False) -> tuple[Stag
     )
 
 
+def _mapped_fine(config: RegistrationConfig):
+    """The full-resolution level's settings on a moving image mapped into the fixed contrast, where the
+    program can map one (a contrast guard) and they differ from ``fine``'s; else None."""
+    mapped = config.fine_when_mapped
+    return mapped if guards(config) and mapped != config.fine else None
+
+
 def _fine_steps(config: RegistrationConfig) -> str:
-    steps = f"{config.fine.iterations} Adam steps"
-    if guards(config) and config.fine_when_mapped.iterations != config.fine.iterations:
-        steps += f", {config.fine_when_mapped.iterations} on a moving image mapped into the fixed contrast"
+    steps, mapped = f"{config.fine.iterations} Adam steps", _mapped_fine(config)
+    if mapped is not None and mapped.iterations != config.fine.iterations:
+        steps += f", {mapped.iterations} on a moving image mapped into the fixed contrast"
     return steps
 
 

@@ -114,9 +114,7 @@ def coarse_search(fixed_cells: jnp.ndarray, moving_cells: jnp.ndarray, config: C
     """
     if config.inverse_consistent:
         return coarse_search_both_ways(fixed_cells, moving_cells, config)[0]
-    offsets = jnp.asarray(search_offsets(config.search_radius), jnp.float32)
-    return coupled_convex(cost_volume(fixed_cells, moving_cells, config.search_radius), offsets,
-                          config.coupling_weights) * config.grid_spacing
+    return _search(fixed_cells, moving_cells, config) * config.grid_spacing
 
 
 def coarse_search_both_ways(fixed_cells: jnp.ndarray, moving_cells: jnp.ndarray,
@@ -124,11 +122,14 @@ def coarse_search_both_ways(fixed_cells: jnp.ndarray, moving_cells: jnp.ndarray,
     """The forward displacement of :func:`coarse_search` and the backward one (moving to fixed, on the
     moving image's cells), in full-resolution voxels: the search makes both anyway when it makes them
     inverse consistent, and a symmetric program needs both."""
-    offsets = jnp.asarray(search_offsets(config.search_radius), jnp.float32)
-    forward = coupled_convex(cost_volume(fixed_cells, moving_cells, config.search_radius), offsets,
-                             config.coupling_weights)
-    backward = coupled_convex(cost_volume(moving_cells, fixed_cells, config.search_radius), offsets,
-                              config.coupling_weights)
+    forward, backward = _search(fixed_cells, moving_cells, config), _search(moving_cells, fixed_cells, config)
     if config.inverse_consistent:
         forward, backward = make_inverse_consistent(forward, backward, config.inverse_iterations)
     return forward * config.grid_spacing, backward * config.grid_spacing
+
+
+def _search(fixed_cells: jnp.ndarray, moving_cells: jnp.ndarray, config: CoarseConfig) -> jnp.ndarray:
+    """One direction's cost volume and coupled convex optimisation: the displacement in cells."""
+    offsets = jnp.asarray(search_offsets(config.search_radius), jnp.float32)
+    return coupled_convex(cost_volume(fixed_cells, moving_cells, config.search_radius), offsets,
+                          config.coupling_weights)
