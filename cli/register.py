@@ -69,13 +69,12 @@ def _check_outputs(output: Path, *, moved: Optional[Path] = None, labels: list[t
 
 
 def _starting_field(init_disp: Optional[Path], fixed: Path, moving: Path, convention: str):
-    """The --init-disp field as `register_files` takes it: a LUMIR file as its path, an ITK
-    displacement field converted to a LUMIR array with the images' headers."""
-    from jaxreg.transforms import detect_convention, load_as_lumir
+    """The --init-disp field as a LUMIR array, read in the convention given (``auto``: its header's)."""
+    from jaxreg.transforms import load_as_lumir
 
-    if init_disp is None or detect_convention(init_disp, convention, "--init-disp field") == "lumir":
-        return init_disp
-    return load_as_lumir(init_disp, fixed=fixed, moving=moving, convention="itk", what="--init-disp field")
+    if init_disp is None:
+        return None
+    return load_as_lumir(init_disp, fixed=fixed, moving=moving, convention=convention, what="--init-disp field")
 
 
 def _register_and_report(fixed: Path, moving: Path, output: Path, *, moved: Optional[Path], labels, preset: str,
@@ -103,7 +102,7 @@ def _register_and_report(fixed: Path, moving: Path, output: Path, *, moved: Opti
             name = output.name[:-7] if output.name.endswith(".nii.gz") else output.stem
             written["qc"], _ = qc_for_files(fixed, moving, output, qc / f"{name}.png",
                                             values={"ndv": result.summary.ndv_percent},
-                                            label=f"{fixed.name} <- {moving.name}")
+                                            label=f"{fixed.name} <- {moving.name}", convention="lumir")
     _print_summary(result, written)
     if inverse is not None:
         typer.echo(f"inverse       |phi(psi(y)) - y| on the moving brain: {report.on_moving.line()}")

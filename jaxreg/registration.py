@@ -17,6 +17,7 @@ import numpy as np
 from .compilation import compiled_program
 from .config import RegistrationConfig, load_config
 from .errors import InputError
+from .transforms import detect_convention, load_as_lumir
 from .io import (check_finite, check_not_blank, load_field, load_labels, load_volume, save_field, save_volume,
                  stored_dtype)
 
@@ -124,7 +125,8 @@ def register(fixed, moving, *, preset: str | PathLike = "lumir", overrides=(),
         preset: preset name (``lumir``, ``convexadam-lumir``, ``fast``) or a TOML path.
         overrides: ``stage.key=value`` strings applied on top of the preset.
         config: a ready :class:`RegistrationConfig` (wins over `preset` and `overrides`).
-        init_disp: optional starting field (3,X,Y,Z) / (X,Y,Z,3) array or NIfTI path, LUMIR convention.
+        init_disp: optional starting field: a (3,X,Y,Z) / (X,Y,Z,3) array in the LUMIR convention, or a
+            NIfTI path (a LUMIR field, or an ITK one if its header says so and the images are paths).
         progress: optional callable, called with the name of each step as it starts
             (``compiling``, ``registering``; :func:`register_files` adds ``loading``, ``writing``).
 
@@ -143,7 +145,7 @@ def register(fixed, moving, *, preset: str | PathLike = "lumir", overrides=(),
     init = None
     if init_disp is not None:
         if isinstance(init_disp, (str, PathLike)):
-            init = load_field(init_disp, fixed_a.shape, "initial field")
+            init = _starting_field_file(init_disp, fixed, moving, fixed_a.shape)
         else:
             init = np.asarray(init_disp, np.float32)
             if init.ndim == 4 and init.shape[-1] == 3 and init.shape[0] != 3:
@@ -152,6 +154,17 @@ def register(fixed, moving, *, preset: str | PathLike = "lumir", overrides=(),
                 raise InputError(f"initial field has shape {init.shape}: expected (3,)+{fixed_a.shape} or {fixed_a.shape}+(3,).")
             check_finite(init, "initial field")
     return run_program(config, fixed_a, moving_a, init, progress=progress)
+
+
+def _starting_field_file(path, fixed, moving, shape) -> np.ndarray:
+    """A starting field file as a LUMIR array: its header says its convention; an ITK field is
+    converted with the images' headers, so the images must then be paths."""
+    if detect_convention(path, "auto", "initial field") == "lumir":
+        return load_field(path, shape, "initial field")
+    if not all(isinstance(image, (str, PathLike)) for image in (fixed, moving)):
+        raise InputError(f"initial field '{path}' is an ITK displacement field: pass the images as paths, whose "
+                         "headers place it, or convert it first with jaxreg.transforms.load_as_lumir.")
+    return load_as_lumir(path, fixed=fixed, moving=moving, convention="itk", shape=shape, what="initial field")
 
 
 def run_program(config: RegistrationConfig, fixed: np.ndarray, moving: np.ndarray, init: np.ndarray | None,

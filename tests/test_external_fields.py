@@ -1,6 +1,7 @@
 """Fields made by another tool: an ITK displacement field, written by SimpleITK (the independent
 reference) from a known transform, is told from a LUMIR field by its header and converted where
-jaxreg takes a field: `jaxreg evaluate`, `register --init-disp`, `batch --init-fields`. A header
+jaxreg takes a field: `jaxreg evaluate`, `register --init-disp` (and the library's `register`),
+`batch --init-fields`, `jaxreg qc`. A header
 that cannot tell is refused with one line unless `--field-convention` says."""
 
 import json
@@ -11,8 +12,10 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from jaxreg.apps.convert import convert_field
+from jaxreg.config import load_config
 from jaxreg.errors import ConfigError, InputError
 from jaxreg.io import save_field
+from jaxreg.registration import register
 from jaxreg.transforms import detect_convention, load_as_lumir
 
 from synthetic import SHAPE
@@ -135,6 +138,34 @@ def test_init_disp_with_an_itk_field_equals_init_disp_with_its_lumir_conversion(
                               capsys)
     assert code == 0, stderr
     np.testing.assert_allclose(np.asarray(nib.load(out / FIELD).dataobj), from_lumir, atol=1e-4)
+
+    # the library's register reads the header too, where the images' headers can place the field
+    config = load_config(REFINE_ONLY[REFINE_ONLY.index("--preset") + 1],
+                         [value for flag, value in zip(REFINE_ONLY, REFINE_ONLY[1:]) if flag == "--set"])
+    by_library = register(fixed, moving, config=config, init_disp=itk).disp
+    np.testing.assert_allclose(by_library, np.moveaxis(from_lumir, -1, 0), atol=1e-5)
+    arrays = [np.asarray(nib.load(path).dataobj, np.float32) for path in (fixed, moving)]
+    with pytest.raises(InputError, match="is an ITK displacement field: pass the images as paths"):
+        register(*arrays, config=config, init_disp=itk)
+
+
+def test_qc_reads_an_itk_field_as_its_lumir_conversion(data, tmp_path, capsys):
+    fixed, moving = _images(data)
+    itk = _sitk_field(fixed, tmp_path / "itk" / FIELD)
+    lumir = convert_field(itk, tmp_path / "lumir" / FIELD, fixed=fixed, moving=moving, to="lumir")
+    lines = {}
+    for name, disp in (("itk", itk), ("lumir", lumir)):
+        code, stdout, stderr = run_cli(["qc", fixed, moving, disp, "-o", tmp_path / f"{name}.png"], capsys)
+        assert code == 0, stderr
+        lines[name] = stdout.splitlines()[0]
+    assert lines["itk"] == lines["lumir"] and "max |u|" in lines["itk"]
+    five_d = tmp_path / "five_d.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(SHAPE + (1, 3), np.float32), np.eye(4)), five_d)
+    code, _, stderr = run_cli(["qc", fixed, moving, five_d, "-o", tmp_path / "five_d.png"], capsys)
+    assert code == 2 and "--field-convention itk or lumir" in stderr and not (tmp_path / "five_d.png").exists()
+    code, stdout, stderr = run_cli(["qc", fixed, moving, five_d, "-o", tmp_path / "five_d.png",
+                                    "--field-convention", "lumir"], capsys)
+    assert code == 0, stderr
 
 
 def test_the_header_tells_the_convention_and_an_ambiguous_one_must_be_named(tmp_path):

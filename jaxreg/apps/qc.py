@@ -25,7 +25,8 @@ from scipy import ndimage
 
 from ..errors import InputError
 from ..evaluation import metrics
-from ..io import atomic_output, check_not_blank, load_field, load_volume
+from ..io import atomic_output, check_not_blank, load_volume
+from ..transforms import load_as_lumir
 
 PLANES = ("sagittal", "coronal", "axial")  # slice normal along array axis 0, 1, 2
 THUMBNAIL_PLANE = 2  # axial
@@ -273,24 +274,27 @@ def summary_line(values: dict, label: str = "") -> str:
     return " | ".join(parts)
 
 
-def _load_pair(fixed_path, moving_path, disp_path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _load_pair(fixed_path, moving_path, disp_path, convention: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     fixed, _ = load_volume(fixed_path, "fixed image")
     moving, _ = load_volume(moving_path, "moving image")
     check_not_blank(fixed, f"fixed image '{fixed_path}'")
     check_not_blank(moving, f"moving image '{moving_path}'")
     if fixed.shape != moving.shape:
         raise InputError(f"fixed image is {fixed.shape} but moving image is {moving.shape}: both must be on one grid.")
-    return fixed, moving, load_field(disp_path, fixed.shape)
+    return fixed, moving, load_as_lumir(disp_path, fixed=fixed_path, moving=moving_path, convention=convention,
+                                        shape=fixed.shape)
 
 
 def qc_for_files(fixed_path, moving_path, disp_path, output, *, values: dict | None = None, label: str = "",
-                 thumbnail=None, progress: Callable[[str], None] | None = None) -> tuple[Path, dict]:
+                 thumbnail=None, progress: Callable[[str], None] | None = None,
+                 convention: str = "auto") -> tuple[Path, dict]:
     """Read a pair and its field, complete the metric line (:func:`field_values` for what `values`
     lacks), draw the picture (and a thumbnail at `thumbnail`, if given). Returns (path, values).
-    `progress`, if given, is called with the name of each step as it starts."""
+    `progress`, if given, is called with the name of each step as it starts; `convention`: the
+    field's (:func:`jaxreg.transforms.detect_convention`; an ITK field is converted first)."""
     step = progress or (lambda name: None)
     step("reading")
-    fixed, moving, disp = _load_pair(fixed_path, moving_path, disp_path)
+    fixed, moving, disp = _load_pair(fixed_path, moving_path, disp_path, convention)
     step("measuring")
     values = field_values(disp, fixed, values)
     slices = qc_slices(fixed, moving, disp)
@@ -476,7 +480,7 @@ def qc_dataset(items, fields_dir, qc_dir, *, progress: Callable[[str], None] | N
         thumb = name.replace(".png", "_thumb.png")
         _, values = qc_for_files(pair.fixed, pair.moving, Path(fields_dir) / pair.field_name, qc_dir / name,
                                  values={k: v for k, v in (values or {}).items() if _number(v)}, label=pair.label,
-                                 thumbnail=qc_dir / thumb)
+                                 thumbnail=qc_dir / thumb, convention="lumir")
         rows.append({"pair": pair.label, **{k: values.get(k) for k in INDEX_COLUMNS if k in values},
                      "image": name, "thumbnail": thumb})
         if progress is not None:
