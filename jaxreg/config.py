@@ -397,23 +397,9 @@ def parse_override(text: str) -> tuple[str, str, Any]:
 
 def load_config(preset: str | Path = DEFAULT_PRESET, overrides: list[str] | tuple[str, ...] = ()) -> RegistrationConfig:
     """Load a preset by name (``lumir``, ``convexadam-lumir``, ``fast``) or from a TOML path, then apply
-    ``stage.key=value`` overrides."""
-    preset_str = str(preset)
-    if preset_str.endswith(".toml") or Path(preset_str).is_file():
-        path = Path(preset_str)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist")
-        text, name = path.read_text(), path.stem
-    else:
-        names = preset_names()
-        if preset_str not in names:
-            raise ConfigError(f"unknown preset '{preset_str}': must be one of {', '.join(names)} or a path to a .toml file")
-        text, name = resources.files("jaxreg.configs").joinpath(f"{preset_str}.toml").read_text(), preset_str
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"config '{preset_str}' is not valid TOML: {err}") from None
-    config = config_from_dict(data, name=name)
+    ``stage.key=value`` overrides. A preset with ``extends = "NAME"`` (a preset name, or a TOML path
+    relative to its own file) starts from that preset's values instead of the defaults."""
+    config = _read_preset(str(preset), ())
     nested: dict[str, dict] = {}
     for text_override in overrides:
         stage, key, value = parse_override(text_override)
@@ -421,6 +407,37 @@ def load_config(preset: str | Path = DEFAULT_PRESET, overrides: list[str] | tupl
     if nested:
         config = config_from_dict(nested, name=config.name, base=config)
     return config
+
+
+def _read_preset(preset: str, chain: tuple[str, ...]) -> RegistrationConfig:
+    """The preset `preset` (a name or a TOML path) on top of the one it extends, if any; `chain`: the
+    presets that extend it, to refuse a cycle."""
+    if preset.endswith(".toml") or Path(preset).is_file():
+        path = Path(preset)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        text, name, folder, identity = path.read_text(), path.stem, path.parent, str(path.resolve())
+    else:
+        names = preset_names()
+        if preset not in names:
+            raise ConfigError(f"unknown preset '{preset}': must be one of {', '.join(names)} or a path to a .toml file")
+        text, name = resources.files("jaxreg.configs").joinpath(f"{preset}.toml").read_text(), preset
+        folder, identity = None, preset
+    if identity in chain:
+        raise ConfigError(f"preset '{preset}' extends itself ({' -> '.join([*chain, identity])}): "
+                          "remove one of the extends keys")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config '{preset}' is not valid TOML: {err}") from None
+    parent, base = data.pop("extends", None), None
+    if parent is not None:
+        if not isinstance(parent, str) or not parent:
+            raise ConfigError(f"config '{preset}': extends must name a preset or a .toml file, got {parent!r}")
+        if parent.endswith(".toml") and folder is not None and not Path(parent).is_absolute():
+            parent = str(folder / parent)
+        base = _read_preset(parent, (*chain, identity))
+    return config_from_dict(data, name=name, base=base)
 
 
 def config_to_dict(config: RegistrationConfig) -> dict:

@@ -88,5 +88,34 @@ def test_sections_are_checked_together_whatever_their_order():
 
 
 def test_lumir_symmetric_is_lumir_both_ways_and_nothing_else():
-    """The preset file repeats lumir's values: any change to lumir must reach it too."""
+    """The preset extends lumir: a change to lumir reaches it."""
     assert load_config("lumir-symmetric") == load_config("lumir", ["refine.symmetric=false", "symmetric.enabled=true"])
+    assert load_config("lumir-symmetric").name == "lumir-symmetric"
+
+
+def test_a_preset_extends_another_by_name_or_by_a_path_next_to_it(tmp_path):
+    (tmp_path / "more_steps.toml").write_text('extends = "lumir"\n[fine]\niterations = 30\n')
+    config = load_config(tmp_path / "more_steps.toml")
+    assert config == load_config("lumir", ["fine.iterations=30"]) and config.name == "more_steps"
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "stiffer.toml").write_text('name = "stiff"\nextends = "../more_steps.toml"\n'
+                                                   '[fine]\ndiffusion_weight = 1.6\n')
+    config = load_config(tmp_path / "sub" / "stiffer.toml", ["refine.iterations=30"])
+    assert config == load_config("lumir", ["fine.iterations=30", "fine.diffusion_weight=1.6", "refine.iterations=30"])
+    assert config.name == "stiff"
+    # without extends, a file starts from the defaults (convexadam-lumir's values), as before
+    (tmp_path / "plain.toml").write_text("[fine]\nenabled = true\n")
+    assert load_config(tmp_path / "plain.toml").refine.symmetric is False
+
+
+def test_a_preset_that_extends_what_does_not_exist_or_itself_is_one_line(tmp_path):
+    (tmp_path / "a.toml").write_text('extends = "lumri"\n')
+    with pytest.raises(ConfigError, match="unknown preset 'lumri': must be one of"):
+        load_config(tmp_path / "a.toml")
+    (tmp_path / "a.toml").write_text('extends = "b.toml"\n')
+    (tmp_path / "b.toml").write_text('extends = "a.toml"\n')
+    with pytest.raises(ConfigError, match=r"extends itself \(.*a.toml -> .*b.toml -> .*a.toml\)"):
+        load_config(tmp_path / "a.toml")
+    (tmp_path / "c.toml").write_text("extends = 3\n")
+    with pytest.raises(ConfigError, match="extends must name a preset or a .toml file, got 3"):
+        load_config(tmp_path / "c.toml")
