@@ -211,9 +211,15 @@ class FineConfig:
     diffusion penalty acts on the residual only, so the level adds detail without relaxing the field
     it starts from. Both intensity terms assume one contrast: the ``contrast`` section guards the level
     as it guards the intensity channel.
+
+    With ``half_resolution_iterations`` > 0 the same loss first takes that many Adam steps on both
+    images average-pooled by 2 (a residual on the 2-voxel grid, the LNCC boxes twice as wide in
+    millimetres): it aligns what lies between the feature level's smoothed cells and single voxels, at
+    an eighth of a full-resolution step's cost.
     """
 
     enabled: bool = False
+    half_resolution_iterations: int = 0
     iterations: int = 30
     learning_rate: float = 0.5
     intensity_weight: float = 6.0
@@ -231,6 +237,8 @@ class FineConfig:
                "fine needs a similarity term: set fine.intensity_weight or fine.ncc_weight > 0")
         _check(self.ncc_window >= 3 and self.ncc_window % 2 == 1,
                f"fine.ncc_window must be odd and >= 3, got {self.ncc_window}")
+        _check(self.half_resolution_iterations >= 0,
+               f"fine.half_resolution_iterations must be >= 0, got {self.half_resolution_iterations}")
         _check_adam_level("fine", self)
 
 

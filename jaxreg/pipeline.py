@@ -233,6 +233,8 @@ def _mapped_fine(config: RegistrationConfig):
 
 def _fine_steps(config: RegistrationConfig) -> str:
     steps, mapped = f"{config.fine.iterations} Adam steps", _mapped_fine(config)
+    if config.fine.half_resolution_iterations:
+        steps = f"{config.fine.half_resolution_iterations} Adam steps at half resolution, then {steps}"
     if mapped is not None and mapped.iterations != config.fine.iterations:
         steps += f", {mapped.iterations} on a moving image mapped into the fixed contrast"
     return steps
