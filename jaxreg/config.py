@@ -128,7 +128,8 @@ class ContrastConfig:
     same intensity (1: the intensity alone). On such a mapped image the full-resolution level runs
     ``fine_step_scale`` times ``fine.iterations`` Adam steps with ``fine_intensity_scale`` times
     ``fine.intensity_weight`` (:attr:`RegistrationConfig.fine_when_mapped`): the mapped intensities are
-    a noisier match than a same-contrast image, so the local NCC should weigh more, and longer.
+    a noisier match than a same-contrast image, so the local NCC should weigh more, and longer; and
+    ``fine_half_resolution_scale`` times ``fine.half_resolution_iterations`` steps at half resolution.
     """
 
     min_ncc: float = -1.0
@@ -139,6 +140,7 @@ class ContrastConfig:
     assume: str = "auto"
     fine_step_scale: float = 1.0
     fine_intensity_scale: float = 1.0
+    fine_half_resolution_scale: float = 1.0
 
     def __post_init__(self):
         _check(-1 <= self.min_ncc <= 1, f"contrast.min_ncc must be in [-1, 1], got {self.min_ncc}")
@@ -151,6 +153,8 @@ class ContrastConfig:
         _check(self.fine_step_scale >= 0, f"contrast.fine_step_scale must be >= 0, got {self.fine_step_scale}")
         _check(self.fine_intensity_scale >= 0,
                f"contrast.fine_intensity_scale must be >= 0, got {self.fine_intensity_scale}")
+        _check(self.fine_half_resolution_scale >= 0,
+               f"contrast.fine_half_resolution_scale must be >= 0, got {self.fine_half_resolution_scale}")
 
     @property
     def judges(self) -> bool:
@@ -304,9 +308,12 @@ class RegistrationConfig:
     @property
     def fine_when_mapped(self) -> FineConfig:
         """The full-resolution level on a moving image mapped into the fixed contrast: ``fine`` with
-        the ``contrast.fine_*_scale`` factors applied (``fine`` itself when both are 1)."""
-        return replace(self.fine, iterations=round(self.fine.iterations * self.contrast.fine_step_scale),
-                       intensity_weight=self.fine.intensity_weight * self.contrast.fine_intensity_scale)
+        the ``contrast.fine_*_scale`` factors applied (``fine`` itself when all are 1)."""
+        contrast = self.contrast
+        return replace(self.fine, iterations=round(self.fine.iterations * contrast.fine_step_scale),
+                       intensity_weight=self.fine.intensity_weight * contrast.fine_intensity_scale,
+                       half_resolution_iterations=round(self.fine.half_resolution_iterations
+                                                        * contrast.fine_half_resolution_scale))
 
     @property
     def uses_intensity_terms(self) -> bool:

@@ -232,12 +232,14 @@ def _mapped_fine(config: RegistrationConfig):
 
 
 def _fine_steps(config: RegistrationConfig) -> str:
-    steps, mapped = f"{config.fine.iterations} Adam steps", _mapped_fine(config)
-    if config.fine.half_resolution_iterations:
-        steps = f"{config.fine.half_resolution_iterations} Adam steps at half resolution, then {steps}"
-    if mapped is not None and mapped.iterations != config.fine.iterations:
-        steps += f", {mapped.iterations} on a moving image mapped into the fixed contrast"
-    return steps
+    def steps(fine):
+        half = f"{fine.half_resolution_iterations} at half resolution, then " if fine.half_resolution_iterations else ""
+        return f"{half}{fine.iterations} Adam steps"
+
+    text, mapped = steps(config.fine), _mapped_fine(config)
+    if mapped is not None and steps(mapped) != text:
+        text += f" ({steps(mapped)} on a moving image mapped into the fixed contrast)"
+    return text
 
 
 def _one_way_stages(config: RegistrationConfig, *, with_init: bool, features_known: bool = False,

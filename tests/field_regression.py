@@ -35,6 +35,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 OASIS_DATASET = REPO.parent / "shared" / "data" / "oasis-trt20" / "dataset.json"
+# case name prefix -> dataset: oasis-N is the N-th OASIS-TRT-20 pair, mm-N the same pair across contrasts
+DATASETS = {"oasis-": OASIS_DATASET, "mm-": REPO.parent / "shared" / "data" / "oasis-trt20-mm" / "dataset.json"}
 DEMO_FIXED = "jaxreg/demo/MNIDEMO_0001_0000.nii.gz"  # ICBM152 2009a template
 DEMO_MOVING = "jaxreg/demo/MNIDEMO_0000_0000.nii.gz"  # Colin27
 PRESET_FOLDERS = ("configs", "jaxreg/configs")
@@ -101,19 +103,21 @@ def resolve_cases(names: list[str], sha: str, inputs: Path) -> dict[str, tuple[P
                 if not path.exists():
                     path.write_bytes(git("show", f"{sha}:{member}", binary=True))
             cases[name] = (inputs / Path(DEMO_FIXED).name, inputs / Path(DEMO_MOVING).name)
-        elif name.startswith("oasis-") and name[6:].isdigit() and int(name[6:]) >= 1:
-            if not OASIS_DATASET.is_file():
-                skipped.append(name)
+        elif (prefix := name.rpartition("-")[0] + "-") in DATASETS and name[len(prefix):].isdigit() \
+                and int(name[len(prefix):]) >= 1:
+            dataset = DATASETS[prefix]
+            if not dataset.is_file():
+                skipped.append(f"{name} ({dataset} not found)")
                 continue
-            pairs = json.loads(OASIS_DATASET.read_text())["validation"]
-            index = int(name[6:]) - 1
+            pairs = json.loads(dataset.read_text())["validation"]
+            index = int(name[len(prefix):]) - 1
             if index >= len(pairs):
-                sys.exit(f"{name}: {OASIS_DATASET} lists only {len(pairs)} validation pairs")
-            cases[name] = tuple((OASIS_DATASET.parent / pairs[index][key]).resolve() for key in ("fixed", "moving"))
+                sys.exit(f"{name}: {dataset} lists only {len(pairs)} validation pairs")
+            cases[name] = tuple((dataset.parent / pairs[index][key]).resolve() for key in ("fixed", "moving"))
         else:
-            sys.exit(f"unknown case {name!r}: expected demo or oasis-N (N >= 1)")
+            sys.exit(f"unknown case {name!r}: expected demo, oasis-N or mm-N (N >= 1)")
     if skipped:
-        print(f"skipping {', '.join(skipped)}: {OASIS_DATASET} not found")
+        print(f"skipping {', '.join(skipped)}")
     return cases
 
 
@@ -194,7 +198,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--before-site", type=Path, help="a ready `pip install --target` folder of --before (skips the build)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"folder of the saved fields (default {DEFAULT_CACHE})")
     parser.add_argument("--presets", help="comma-separated presets (default: all that --before ships)")
-    parser.add_argument("--cases", default=",".join(DEFAULT_CASES), help="comma-separated cases: demo, oasis-N (default %(default)s)")
+    parser.add_argument("--cases", default=",".join(DEFAULT_CASES), help="comma-separated cases: demo, oasis-N, mm-N (default %(default)s)")
     return parser.parse_args()
 
 

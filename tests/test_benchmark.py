@@ -33,7 +33,8 @@ def test_benchmark_times_the_full_resolution_level_and_the_fold_repair(tmp_path)
     fixed = brain()
     for name, data in [("f", fixed), ("m", pull(fixed, smooth_field()))]:
         nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / f"{name}.nii.gz")
-    config = load_config("lumir", ["refine.iterations=5", "fine.iterations=3", "unfold.rounds=2"])
+    config = load_config("lumir", ["refine.iterations=5", "fine.half_resolution_iterations=2", "fine.iterations=3",
+                                   "unfold.rounds=2"])
     report = run_benchmark(tmp_path / "f.nii.gz", tmp_path / "m.nii.gz", config, repeats=1)
     # exactly the program's stages, the same-contrast guard included, between start and finish, then the report
     assert [name.split(" ")[0] for name in report.stages] == ["start", *(s.name for s in stages(config)), "finish", "report"]
@@ -43,12 +44,16 @@ def test_benchmark_times_the_full_resolution_level_and_the_fold_repair(tmp_path)
     # the refinement is timed on the features the program uses: MIND-SSC plus the intensity channel
     cells = (fixed.shape[0] // 2) * (fixed.shape[1] // 2) * (fixed.shape[2] // 2)
     assert abs(report.refine_floor_seconds - 5 * refine_step_bytes(cells, 13) / (report.bandwidth_gbps * 1e9)) < 1e-9
-    # the full-resolution level's floor: 3 steps over every voxel, with lumir's local NCC
+    # the full-resolution level's floor: 3 steps over every voxel and 2 over the voxels pooled by 2, with
+    # lumir's local NCC
     voxels = fixed.shape[0] * fixed.shape[1] * fixed.shape[2]
-    floor = 3 * fine_step_bytes(voxels, local_ncc=True) / (report.bandwidth_gbps * 1e9)
+    pooled = (fixed.shape[0] // 2) * (fixed.shape[1] // 2) * (fixed.shape[2] // 2)
+    floor = (3 * fine_step_bytes(voxels, local_ncc=True) + 2 * fine_step_bytes(pooled, local_ncc=True)) \
+        / (report.bandwidth_gbps * 1e9)
     assert abs(report.fine_floor_seconds - floor) < 1e-9
     assert report.fine_seconds == report.stages[
-        "fine (full-resolution level, 3 Adam steps, 4 on a moving image mapped into the fixed contrast)"]
+        "fine (full-resolution level, 2 at half resolution, then 3 Adam steps (4 Adam steps on a moving image "
+        "mapped into the fixed contrast))"]
 
 
 def test_refine_step_bytes_counts_floats_per_cell():

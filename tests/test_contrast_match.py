@@ -130,7 +130,9 @@ def test_no_guard_without_a_threshold_or_a_rule():
                                               ("contrast.match_context=4", "match_context must be an odd"),
                                               ("contrast.assume=same", "contrast.assume must be"),
                                               ("contrast.fine_step_scale=-1", "fine_step_scale must be >= 0"),
-                                              ("contrast.fine_intensity_scale=-0.5", "fine_intensity_scale must be >= 0")])
+                                              ("contrast.fine_intensity_scale=-0.5", "fine_intensity_scale must be >= 0"),
+                                              ("contrast.fine_half_resolution_scale=-1",
+                                               "fine_half_resolution_scale must be >= 0")])
 def test_bad_contrast_settings_are_refused(setting, message):
     from jaxreg.config import ConfigError, load_config
     with pytest.raises(ConfigError, match=message):
@@ -144,12 +146,13 @@ def test_no_similarity_term_left_on_mapped_images_is_refused():
     assert load_config("lumir", ["contrast.fine_intensity_scale=0"]).fine_when_mapped.intensity_weight == 0
 
 
-SHORT = ["refine.iterations=20", "fine.iterations=10", "unfold.rounds=10"]
+SHORT = ["refine.iterations=20", "fine.half_resolution_iterations=4", "fine.iterations=10", "unfold.rounds=10"]
 
 
 def test_a_mapped_moving_image_gets_the_scaled_full_resolution_level_and_a_same_contrast_one_does_not():
     """contrast.fine_*_scale act where the moving image is mapped into the fixed contrast, as if
-    fine.iterations and fine.intensity_weight had been scaled, and nowhere else."""
+    fine.iterations, fine.intensity_weight and fine.half_resolution_iterations had been scaled, and
+    nowhere else."""
     from synthetic import pull, smooth_field
     from test_contrast import tissues
     from jaxreg.config import load_config
@@ -159,10 +162,13 @@ def test_a_mapped_moving_image_gets_the_scaled_full_resolution_level_and_a_same_
     fixed = pull(moving, smooth_field(amplitude=4.0, seed=7, sigma=5.0))
     flair = remap_contrast(moving)
     base = [*SHORT, "contrast.match_context=1", "refine.symmetric=false",
-            "contrast.fine_step_scale=1", "contrast.fine_intensity_scale=1"]
-    scaled = load_config("lumir", [*base, "contrast.fine_step_scale=2", "contrast.fine_intensity_scale=0.5"])
-    assert scaled.fine_when_mapped.iterations == 20 and scaled.fine_when_mapped.intensity_weight == 3.0
-    by_hand = load_config("lumir", [*base, "fine.iterations=20", "fine.intensity_weight=3"])
+            "contrast.fine_step_scale=1", "contrast.fine_intensity_scale=1", "contrast.fine_half_resolution_scale=1"]
+    scaled = load_config("lumir", [*base, "contrast.fine_step_scale=2", "contrast.fine_intensity_scale=0.5",
+                                   "contrast.fine_half_resolution_scale=0.5"])
+    mapped_level = scaled.fine_when_mapped
+    assert (mapped_level.iterations, mapped_level.intensity_weight, mapped_level.half_resolution_iterations) == (20, 3.0, 2)
+    by_hand = load_config("lumir", [*base, "fine.iterations=20", "fine.intensity_weight=3",
+                                    "fine.half_resolution_iterations=2"])
     mapped = register(fixed, flair, config=scaled)
     assert mapped.summary.intensity_terms_matched
     # equal up to float rounding, which two programs fused differently and the fold repair amplify on

@@ -204,8 +204,9 @@ def run_benchmark(fixed_path, moving_path, config: RegistrationConfig, *, repeat
             report.refine_floor_seconds = refine_bytes / (report.bandwidth_gbps * 1e9)
         if report.fine_seconds is not None:
             fine = config.fine_when_mapped if matched else config.fine  # the steps this pair got
+            pooled = int(np.prod([n // 2 for n in fixed.shape]))  # the half-resolution steps' grid
             fine_bytes = (fine.iterations * fine_step_bytes(voxels, fine.ncc_weight > 0)
-                          + fine.half_resolution_iterations * fine_step_bytes(voxels // 8, fine.ncc_weight > 0))
+                          + fine.half_resolution_iterations * fine_step_bytes(pooled, fine.ncc_weight > 0))
             report.fine_floor_seconds = fine_bytes / (report.bandwidth_gbps * 1e9)
     return report
 
