@@ -118,10 +118,15 @@ def test_evaluate_scores_an_itk_field_as_the_equivalent_lumir_field(data, tmp_pa
     assert by_itk["0002_0001"]["dice"] < 0.999  # the field moved the labels
 
 
+def _itk_and_its_conversion(dataset, folder):
+    """(fixed, moving, an ITK field of the pair written by SimpleITK, its LUMIR conversion)."""
+    fixed, moving = _images(dataset)
+    itk = _sitk_field(fixed, folder / "itk" / FIELD)
+    return fixed, moving, itk, convert_field(itk, folder / "lumir" / FIELD, fixed=fixed, moving=moving, to="lumir")
+
+
 def test_init_disp_with_an_itk_field_equals_init_disp_with_its_lumir_conversion(data, tmp_path, capsys):
-    fixed, moving = _images(data)
-    itk = _sitk_field(fixed, tmp_path / "itk" / FIELD)
-    lumir = convert_field(itk, tmp_path / "lumir" / FIELD, fixed=fixed, moving=moving, to="lumir")
+    fixed, moving, itk, lumir = _itk_and_its_conversion(data, tmp_path)
     outputs = {}
     for name, start in (("itk", itk), ("lumir", lumir)):
         outputs[name] = tmp_path / f"from_{name}.nii.gz"
@@ -150,9 +155,7 @@ def test_init_disp_with_an_itk_field_equals_init_disp_with_its_lumir_conversion(
 
 
 def test_qc_reads_an_itk_field_as_its_lumir_conversion(data, tmp_path, capsys):
-    fixed, moving = _images(data)
-    itk = _sitk_field(fixed, tmp_path / "itk" / FIELD)
-    lumir = convert_field(itk, tmp_path / "lumir" / FIELD, fixed=fixed, moving=moving, to="lumir")
+    fixed, moving, itk, lumir = _itk_and_its_conversion(data, tmp_path)
     lines = {}
     for name, disp in (("itk", itk), ("lumir", lumir)):
         code, stdout, stderr = run_cli(["qc", fixed, moving, disp, "-o", tmp_path / f"{name}.png"], capsys)
